@@ -1,0 +1,294 @@
+"""Typed configuration with the reference's names and defaults.
+
+The names are the write-up's (``TRAIN.RPN_BATCHSIZE``, ``TEST.RPN_POST_NMS_TOP_N``, ``POOLING_SIZE`` ...)
+so a reader of the write-up can guess them. A :class:`Config` is an immutable value passed explicitly to
+whatever needs it; there is no global config object. Build one from a preset or YAML file plus
+``KEY=VALUE`` overrides with :func:`load_config`.
+
+Pixel order: frcnn reads images as RGB (Pillow), so ``PIXEL_MEANS`` is the reference's BGR mean
+``(102.9801, 115.9465, 122.7717)`` reversed.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from frcnn.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # optimisation (SGD with momentum, step schedule)
+    LEARNING_RATE: float = 0.001
+    MOMENTUM: float = 0.9
+    WEIGHT_DECAY: float = 0.0001
+    GAMMA: float = 0.1
+    STEPSIZE: tuple[int, ...] = (30000,)
+    MAX_ITERS: int = 70000
+    WARMUP_ITERS: int = 0
+    WARMUP_FACTOR: float = 1.0 / 3
+    DOUBLE_BIAS: bool = True
+    BIAS_DECAY: bool = False
+    DISPLAY: int = 20
+    SNAPSHOT_ITERS: int = 5000
+    SNAPSHOT_KEPT: int = 3
+    # input
+    SCALES: tuple[int, ...] = (600,)
+    MAX_SIZE: int = 1000
+    IMS_PER_BATCH: int = 1
+    USE_FLIPPED: bool = True
+    # proposal target layer
+    BATCH_SIZE: int = 128
+    FG_FRACTION: float = 0.25
+    FG_THRESH: float = 0.5
+    BG_THRESH_HI: float = 0.5
+    BG_THRESH_LO: float = 0.1
+    BBOX_NORMALIZE_MEANS: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
+    BBOX_NORMALIZE_STDS: tuple[float, ...] = (0.1, 0.1, 0.2, 0.2)
+    # anchor target layer
+    RPN_POSITIVE_OVERLAP: float = 0.7
+    RPN_NEGATIVE_OVERLAP: float = 0.3
+    RPN_CLOBBER_POSITIVES: bool = False
+    RPN_FG_FRACTION: float = 0.5
+    RPN_BATCHSIZE: int = 256
+    # proposal layer while training
+    RPN_NMS_THRESH: float = 0.7
+    RPN_PRE_NMS_TOP_N: int = 12000
+    RPN_POST_NMS_TOP_N: int = 2000
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    __test__ = False  # not a pytest class
+
+    SCALES: tuple[int, ...] = (600,)
+    MAX_SIZE: int = 1000
+    NMS: float = 0.3
+    RPN_NMS_THRESH: float = 0.7
+    RPN_PRE_NMS_TOP_N: int = 6000
+    RPN_POST_NMS_TOP_N: int = 300
+    SCORE_THRESH: float = 0.0
+    MAX_PER_IMAGE: int = 100
+
+
+@dataclass(frozen=True)
+class ResnetConfig:
+    FIXED_BLOCKS: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    TRAIN: TrainConfig = field(default_factory=TrainConfig)
+    TEST: TestConfig = field(default_factory=TestConfig)
+    RESNET: ResnetConfig = field(default_factory=ResnetConfig)
+    # network
+    BACKBONE: str = "res50"  # res50 | res101 | vgg16 | tiny
+    PRETRAINED: str = ""  # path to a torchvision-style state dict of the backbone ("" = from scratch)
+    FEAT_STRIDE: int = 16
+    ANCHOR_SCALES: tuple[float, ...] = (8, 16, 32)
+    ANCHOR_RATIOS: tuple[float, ...] = (0.5, 1, 2)
+    RPN_CHANNELS: int = 512
+    POOLING_MODE: str = "crop"  # crop | align | pool
+    POOLING_SIZE: int = 7
+    # pre-processing (RGB)
+    PIXEL_MEANS: tuple[float, ...] = (122.7717, 115.9465, 102.9801)
+    PIXEL_STDS: tuple[float, ...] = (1.0, 1.0, 1.0)
+    # run
+    RNG_SEED: int = 3
+    DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
+    NUM_WORKERS: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("BACKBONE", self.BACKBONE, ("res50", "res101", "vgg16", "tiny"))
+        _check_choice("POOLING_MODE", self.POOLING_MODE, ("crop", "align", "pool"))
+        if len(self.PIXEL_MEANS) != 3 or len(self.PIXEL_STDS) != 3:
+            raise ConfigError("PIXEL_MEANS and PIXEL_STDS need 3 values (R, G, B)")
+        if not 0 < self.TRAIN.FG_FRACTION <= 1 or not 0 < self.TRAIN.RPN_FG_FRACTION <= 1:
+            raise ConfigError("TRAIN.FG_FRACTION and TRAIN.RPN_FG_FRACTION must lie in (0, 1]")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+# --------------------------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The write-up's network: ResNet-50 C4, crop pooling, PASCAL VOC schedule (reference res101.yml).
+    "voc-r50-c4": {
+        "BACKBONE": "res50",
+        "TRAIN": {"BATCH_SIZE": 256, "BG_THRESH_LO": 0.0, "DOUBLE_BIAS": False, "STEPSIZE": [30000],
+                  "MAX_ITERS": 70000},
+    },
+    # VGG16 (conv5_3 head, fc6/fc7 tail) as in the reference vgg16.yml.
+    "voc-vgg16": {
+        "BACKBONE": "vgg16",
+        "TRAIN": {"BATCH_SIZE": 256, "BG_THRESH_LO": 0.0, "STEPSIZE": [50000], "MAX_ITERS": 70000},
+    },
+    # CPU-sized: a small backbone trained from scratch, images of 320 px, anchors of 32..128 px.
+    "demo-cpu": {
+        "BACKBONE": "tiny",
+        "RPN_CHANNELS": 128,
+        "ANCHOR_SCALES": [2, 4, 8],
+        "POOLING_MODE": "align",
+        "PIXEL_STDS": [58.395, 57.12, 57.375],
+        "TRAIN": {"SCALES": [320], "MAX_SIZE": 512, "LEARNING_RATE": 0.02, "WEIGHT_DECAY": 0.0001,
+                  "WARMUP_ITERS": 100, "STEPSIZE": [1500], "MAX_ITERS": 2000, "SNAPSHOT_ITERS": 500,
+                  "BATCH_SIZE": 64, "RPN_BATCHSIZE": 128, "RPN_PRE_NMS_TOP_N": 2000,
+                  "RPN_POST_NMS_TOP_N": 300, "DISPLAY": 50, "BG_THRESH_LO": 0.0},
+        "TEST": {"SCALES": [320], "MAX_SIZE": 512, "RPN_PRE_NMS_TOP_N": 1000, "RPN_POST_NMS_TOP_N": 100},
+    },
+}
+
+
+# ------------------------------------------------------------------------------------- build and dump
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain nested dict (tuples as lists) of a config, for YAML/JSON."""
+    out: dict[str, Any] = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out[f.name] = config_to_dict(value)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type ``hint``; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects a list, got {value!r}")
+        (elem, _) = typing.get_args(hint)
+        return tuple(_coerce(key, v, elem) for v in value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} expects a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} expects an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} expects true or false, got {value!r}")
+        return value
+    if hint is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key} expects a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover - a bug in this file
+
+
+def merge(cfg: Any, updates: dict[str, Any], prefix: str = "") -> Any:
+    """A copy of ``cfg`` with the nested ``updates`` applied; unknown keys and wrong types raise."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} expects a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(cfg))
+    known = {f.name for f in fields(cfg)}
+    changes: dict[str, Any] = {}
+    for key, value in updates.items():
+        full = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"unknown config key {full} (known: {', '.join(sorted(known))})")
+        current = getattr(cfg, key)
+        if is_dataclass(current):
+            changes[key] = merge(current, value, prefix=f"{full}.")
+        else:
+            changes[key] = _coerce(full, value, hints[key])
+    try:
+        return replace(cfg, **changes)
+    except TypeError as e:  # pragma: no cover
+        raise ConfigError(str(e)) from None
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"TRAIN.RPN_BATCHSIZE=128"`` -> ``{"TRAIN": {"RPN_BATCHSIZE": 128}}`` (value read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not KEY=VALUE")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    nested: dict[str, Any] = {parts[-1]: value}
+    for p in reversed(parts[:-1]):
+        nested = {p: nested}
+    return nested
+
+
+def load_config(preset_or_yaml: str | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Defaults, then a preset name or a YAML file, then ``KEY=VALUE`` overrides, in that order.
+
+    A YAML file may start from a preset with a top-level ``PRESET: name`` key.
+    """
+    cfg = Config()
+    if preset_or_yaml:
+        if preset_or_yaml in PRESETS:
+            cfg = merge(cfg, PRESETS[preset_or_yaml])
+        else:
+            path = Path(preset_or_yaml)
+            if not path.is_file():
+                raise ConfigError(
+                    f"--config {preset_or_yaml}: neither a preset ({', '.join(PRESETS)}) nor a YAML file"
+                )
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a mapping of config keys")
+            preset = data.pop("PRESET", None)
+            if preset is not None:
+                if preset not in PRESETS:
+                    raise ConfigError(f"{path}: unknown PRESET {preset!r} (known: {', '.join(PRESETS)})")
+                cfg = merge(cfg, PRESETS[preset])
+            cfg = merge(cfg, data)
+    for text in overrides:
+        cfg = merge(cfg, parse_override(text))
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config saved with :func:`config_to_dict` (checkpoints store the full resolved config)."""
+    return merge(Config(), data)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def resolve_device(cfg: Config):
+    """The torch device named by ``DEVICE`` ("auto" picks CUDA when there is one)."""
+    import torch
+
+    if cfg.DEVICE == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(cfg.DEVICE)
+    except RuntimeError:
+        raise ConfigError(f"DEVICE={cfg.DEVICE!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"DEVICE={cfg.DEVICE} but this machine has no CUDA device")
+    return device
+
+
+__all__ = [
+    "Config", "TrainConfig", "TestConfig", "ResnetConfig", "PRESETS", "load_config", "merge",
+    "parse_override", "config_to_dict", "config_from_dict", "dump_yaml", "resolve_device",
+]

@@ -1,0 +1,1 @@
+"""Data sets: PASCAL VOC folders and the synthetic shapes set used by ``frcnn demo``."""
