@@ -1,0 +1,137 @@
+"""The head network (image -> stride-16 feature map) and the tail (pooled RoI -> feature vector "fc7").
+
+``res50`` / ``res101``: conv1..layer3 as head; layer4, with the stride of its first block set to 1 as the
+reference does, then a spatial mean, as tail (2048-d). ``vgg16``: conv1_1..conv5_3 without pool5 as head;
+fc6/fc7 as tail (4096-d). ``tiny``: a small conv net for CPU training from scratch (four stride-2 stages
+of two 3x3 conv+BN+ReLU, 32-64-128-256 channels; tail: two fully connected layers of 512), used by the
+``demo-cpu`` preset.
+
+Starting from pretrained weights (``PRETRAINED``: a file holding a torchvision-style state dict, as
+``.pth`` or ``.safetensors``), BatchNorm is frozen and the first blocks are fixed as in the reference
+(ResNet: conv1 and ``RESNET.FIXED_BLOCKS`` stages; VGG16: conv1 and conv2). From scratch, every layer
+trains and BatchNorm is ordinary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet50, resnet101, vgg16
+from torchvision.ops import FrozenBatchNorm2d
+
+from frcnn.config import Config
+from frcnn.errors import CheckpointError
+
+
+@dataclass
+class Backbone:
+    head: nn.Module
+    tail: nn.Module
+    head_channels: int
+    tail_channels: int
+
+
+class SpatialMean(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3))
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch file, never unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"PRETRAINED={path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or foreign file: one line, not a traceback
+        raise CheckpointError(f"PRETRAINED={path}: cannot read weights ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"PRETRAINED={path}: not a state dict of tensors")
+    return state
+
+
+def _load_into(model: nn.Module, path: str, ignore_prefixes: tuple[str, ...]) -> None:
+    state = load_state_dict_file(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(ignore_prefixes)]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"PRETRAINED={path}: does not match {type(model).__name__} "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})"
+        )
+
+
+def _freeze(*modules: nn.Module) -> None:
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+def _resnet(cfg: Config) -> Backbone:
+    pretrained = bool(cfg.PRETRAINED)
+    build = resnet50 if cfg.BACKBONE == "res50" else resnet101
+    net = build(weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
+    if pretrained:
+        _load_into(net, cfg.PRETRAINED, ignore_prefixes=("fc.",))
+        stages = [net.layer1, net.layer2, net.layer3]
+        _freeze(net.conv1, net.bn1, *stages[: cfg.RESNET.FIXED_BLOCKS])
+    # layer4 at stride 1: the 7x7 pooled crops stay 7x7 (reference resnet_v1)
+    net.layer4[0].conv2.stride = (1, 1)
+    net.layer4[0].downsample[0].stride = (1, 1)
+    head = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
+    tail = nn.Sequential(net.layer4, SpatialMean())
+    return Backbone(head, tail, 1024, 2048)
+
+
+def _vgg16(cfg: Config) -> Backbone:
+    net = vgg16(weights=None)
+    if cfg.PRETRAINED:
+        _load_into(net, cfg.PRETRAINED, ignore_prefixes=("classifier.6.",))
+        _freeze(*net.features[:10])
+    head = net.features[:30]  # up to relu5_3, without pool5
+    tail = nn.Sequential(nn.Flatten(), *net.classifier[:6])  # fc6, relu, dropout, fc7, relu, dropout
+    return Backbone(head, tail, 512, 4096)
+
+
+def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+def _tiny(cfg: Config) -> Backbone:
+    widths = (32, 64, 128, 256)
+    layers: list[nn.Module] = []
+    cin = 3
+    for width in widths:
+        layers += _conv_bn(cin, width, 2) + _conv_bn(width, width, 1)
+        cin = width
+    head = nn.Sequential(*layers)
+    size = cfg.POOLING_SIZE
+    tail = nn.Sequential(nn.Flatten(), nn.Linear(cin * size * size, 512), nn.ReLU(inplace=True),
+                         nn.Linear(512, 512), nn.ReLU(inplace=True))
+    for m in head.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if cfg.PRETRAINED:
+        state = load_state_dict_file(cfg.PRETRAINED)
+        try:
+            head.load_state_dict(state)
+        except RuntimeError:
+            raise CheckpointError(f"PRETRAINED={cfg.PRETRAINED}: not a tiny-backbone head state dict") from None
+    return Backbone(head, tail, cin, 512)
+
+
+def build_backbone(cfg: Config) -> Backbone:
+    if cfg.BACKBONE in ("res50", "res101"):
+        return _resnet(cfg)
+    if cfg.BACKBONE == "vgg16":
+        return _vgg16(cfg)
+    return _tiny(cfg)

@@ -1,0 +1,141 @@
+"""FasterRCNN: head -> RPN -> proposal layer -> (targets) -> RoI pooling -> classification network.
+
+Training (approximate joint training, one step): the anchor target layer labels anchors for the RPN
+loss, the proposal target layer samples RoIs for the classification loss, and the four losses are summed.
+Inference: class-specific boxes are decoded, clipped, filtered by ``TEST.SCORE_THRESH``, reduced by
+per-class NMS at ``TEST.NMS`` and capped at ``TEST.MAX_PER_IMAGE`` per image.
+Every box here is in network-input pixels; :mod:`frcnn.engine.inference` maps them back to the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms
+
+from frcnn.boxes import bbox_transform_inv, clip_boxes, to_exclusive
+from frcnn.config import Config
+from frcnn.model.anchor_target import anchor_target_layer
+from frcnn.model.anchors import AnchorGenerator
+from frcnn.model.backbones import build_backbone
+from frcnn.model.losses import fast_rcnn_loss, rpn_loss
+from frcnn.model.pooling import pool_rois
+from frcnn.model.proposal_target import proposal_target_layer
+from frcnn.model.roi_heads import ClassificationNetwork
+from frcnn.model.rpn import RPN, proposal_layer
+from frcnn.model.trace import Trace, maybe_timed
+
+
+@dataclass
+class Detections:
+    """Final detections of one image: boxes (D, 4), scores (D,), labels (D,) in 1..K."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+
+class FasterRCNN(nn.Module):
+    def __init__(self, cfg: Config, num_classes: int):
+        """``num_classes`` counts the object classes (K); the network adds background as class 0."""
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        backbone = build_backbone(cfg)
+        self.head = backbone.head
+        self.anchor_generator = AnchorGenerator(cfg.ANCHOR_SCALES, cfg.ANCHOR_RATIOS, cfg.FEAT_STRIDE)
+        self.rpn = RPN(backbone.head_channels, cfg.RPN_CHANNELS, self.anchor_generator.num_anchors)
+        self.classifier = ClassificationNetwork(backbone.tail, backbone.tail_channels, num_classes + 1)
+
+    def forward(
+        self,
+        images: Tensor,
+        image_sizes: Tensor,
+        gt_boxes: Sequence[Tensor] | None = None,
+        gt_labels: Sequence[Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        trace: Trace | None = None,
+    ) -> dict[str, Tensor] | list[Detections]:
+        """``images`` (N, 3, H, W) pre-processed; ``image_sizes`` (N, 2) true (h, w) of each.
+
+        In training mode ``gt_boxes``/``gt_labels`` (one tensor per image, network-input pixels, labels
+        1..K) are required and a dict of the four losses is returned; ``generator`` drives the random
+        sampling of anchors and RoIs. In eval mode a list of :class:`Detections` is returned.
+        """
+        cfg, train = self.cfg, self.training
+        with maybe_timed(trace, "head"):
+            features = self.head(images)
+        fh, fw = features.shape[-2:]
+        with maybe_timed(trace, "anchors"):
+            anchors = self.anchor_generator(fh, fw)
+        if trace is not None:
+            trace.put("head", features=features, image_sizes=image_sizes)
+            trace.put("anchors", anchors=anchors, feat_size=(fh, fw), num_base_anchors=self.rpn.num_anchors,
+                      stride=cfg.FEAT_STRIDE)
+        with maybe_timed(trace, "rpn"):
+            rpn_logits, rpn_deltas = self.rpn(features)
+            fg_scores = rpn_logits.detach().softmax(-1)[..., 1]
+        if trace is not None:
+            trace.put("rpn", fg_scores=fg_scores, deltas=rpn_deltas)
+        stage = cfg.TRAIN if train else cfg.TEST
+        with maybe_timed(trace, "proposal_layer"):
+            rois, _ = proposal_layer(fg_scores, rpn_deltas.detach(), anchors, image_sizes,
+                                     stage.RPN_PRE_NMS_TOP_N, stage.RPN_POST_NMS_TOP_N, stage.RPN_NMS_THRESH,
+                                     trace)
+        losses: dict[str, Tensor] = {}
+        if gt_boxes is not None and gt_labels is not None:
+            with maybe_timed(trace, "anchor_target"):
+                labels, targets = anchor_target_layer(anchors, gt_boxes, image_sizes, cfg.TRAIN, generator, trace)
+            losses["rpn_cls"], losses["rpn_box"] = rpn_loss(rpn_logits, rpn_deltas, labels, targets, sigma=3.0)
+            with maybe_timed(trace, "proposal_target"):
+                sampled = proposal_target_layer(rois, gt_boxes, gt_labels, cfg.TRAIN, generator, trace)
+            if train:
+                rois, roi_labels, roi_targets = sampled
+        elif train:
+            raise ValueError("training needs gt_boxes and gt_labels")
+        with maybe_timed(trace, "roi_pooling"):
+            pooled = pool_rois(features, rois, cfg.POOLING_MODE, cfg.POOLING_SIZE, cfg.FEAT_STRIDE)
+        if trace is not None:
+            trace.put("roi_pooling", rois=rois, crops=pooled, mode=cfg.POOLING_MODE, size=cfg.POOLING_SIZE)
+        with maybe_timed(trace, "classification"):
+            cls_logits, bbox_pred = self.classifier(pooled)
+        if train:
+            losses["rcnn_cls"], losses["rcnn_box"] = fast_rcnn_loss(cls_logits, bbox_pred, roi_labels, roi_targets)
+            return losses
+        with maybe_timed(trace, "detections"):
+            return self.detect(rois, cls_logits, bbox_pred, image_sizes, trace)
+
+    @torch.no_grad()
+    def detect(
+        self, rois: Tensor, cls_logits: Tensor, bbox_pred: Tensor, image_sizes: Tensor, trace: Trace | None = None
+    ) -> list[Detections]:
+        """Class-specific decoding, clipping, score threshold, per-class NMS, at most MAX_PER_IMAGE."""
+        test = self.cfg.TEST
+        k1 = self.num_classes + 1
+        probs = cls_logits.softmax(-1)
+        stds = bbox_pred.new_tensor(self.cfg.TRAIN.BBOX_NORMALIZE_STDS).repeat(k1)
+        means = bbox_pred.new_tensor(self.cfg.TRAIN.BBOX_NORMALIZE_MEANS).repeat(k1)
+        boxes = bbox_transform_inv(rois[:, 1:], bbox_pred * stds + means)
+        batch_index = rois[:, 0].long()
+        if trace is not None:
+            trace.put("classification", cls_prob=probs, boxes=boxes, rois=rois)
+        results, pre_nms, rec = [], [], trace is not None
+        for i, (h, w) in enumerate(image_sizes.tolist()):
+            sel = batch_index == i
+            b = clip_boxes(boxes[sel], h, w).view(-1, k1, 4)[:, 1:]  # drop the background column
+            s = probs[sel][:, 1:]
+            labels = torch.arange(1, k1, device=s.device).expand_as(s)
+            keep = s > test.SCORE_THRESH
+            b, s, labels = b[keep], s[keep], labels[keep]
+            if rec:
+                pre_nms.append({"boxes": b, "scores": s, "labels": labels})
+            kept = batched_nms(to_exclusive(b), s, labels, test.NMS)[: test.MAX_PER_IMAGE]
+            results.append(Detections(b[kept], s[kept], labels[kept]))
+        if trace is not None:
+            trace.put("detections", pre_nms=pre_nms,
+                      final=[{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in results],
+                      nms_thresh=test.NMS, score_thresh=test.SCORE_THRESH, max_per_image=test.MAX_PER_IMAGE)
+        return results

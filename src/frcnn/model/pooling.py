@@ -1,0 +1,55 @@
+"""RoI pooling: crop a fixed-size feature map for each RoI (POOLING_MODE ``crop``, ``align`` or ``pool``).
+
+RoIs are ``[batch_index, x1, y1, x2, y2]`` in network-input pixels; dividing by the head's stride
+(16) brings them onto the feature map.
+
+``crop`` is the write-up's crop pooling: an affine transform maps the output grid onto the RoI and
+``affine_grid`` + ``grid_sample`` sample it bilinearly (at twice the size, then 2x2 max pooling, as the
+reference). The reference was written when ``align_corners=True`` was PyTorch's only behaviour; modern
+PyTorch defaults to ``False``, which would shrink every crop towards its centre, so it is set explicitly.
+``align`` and ``pool`` are torchvision's ``roi_align`` and ``roi_pool``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import roi_align, roi_pool
+
+
+def crop_pool(features: Tensor, rois: Tensor, size: int, stride: int, max_pool: bool = True) -> Tensor:
+    """Crop pooling of ``rois`` (R, 5) from ``features`` (N, C, H, W): (R, C, size, size)."""
+    n, c, h, w = features.shape
+    r = rois.shape[0]
+    rois = rois.detach()
+    x1, y1, x2, y2 = (rois[:, k] / stride for k in range(1, 5))
+    theta = rois.new_zeros((r, 2, 3))
+    theta[:, 0, 0] = (x2 - x1) / (w - 1)
+    theta[:, 0, 2] = (x1 + x2 - w + 1) / (w - 1)
+    theta[:, 1, 1] = (y2 - y1) / (h - 1)
+    theta[:, 1, 2] = (y1 + y2 - h + 1) / (h - 1)
+    grid_size = size * 2 if max_pool else size
+    grid = F.affine_grid(theta, [r, 1, grid_size, grid_size], align_corners=True)
+    out = features.new_empty((r, c, grid_size, grid_size))
+    batch_index = rois[:, 0].long()
+    for i in range(n):  # one grid_sample per image: all its RoIs' grids stacked into one tall grid
+        sel = (batch_index == i).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        g = grid[sel].reshape(1, sel.numel() * grid_size, grid_size, 2)
+        crops = F.grid_sample(features[i : i + 1], g, mode="bilinear", align_corners=True)
+        out[sel] = crops.view(c, sel.numel(), grid_size, grid_size).transpose(0, 1)
+    return F.max_pool2d(out, 2, 2) if max_pool else out
+
+
+def pool_rois(features: Tensor, rois: Tensor, mode: str, size: int, stride: int) -> Tensor:
+    """Dispatch on POOLING_MODE; every mode returns (R, C, size, size)."""
+    if mode == "crop":
+        return crop_pool(features, rois, size, stride)
+    if mode == "align":
+        return roi_align(features, rois, (size, size), spatial_scale=1.0 / stride, sampling_ratio=0)
+    if mode == "pool":
+        return roi_pool(features, rois, (size, size), spatial_scale=1.0 / stride)
+    raise ValueError(f"unknown POOLING_MODE {mode!r}")
+
+

@@ -1,0 +1,90 @@
+"""Proposal target layer: which RoIs the classification layer learns from, and what it learns.
+
+Per image the gt boxes are added to the proposals, each RoI takes the class of its best-overlapping gt
+box, and ``TRAIN.BATCH_SIZE / images`` RoIs are drawn: up to ``FG_FRACTION`` of them foreground
+(IoU >= ``FG_THRESH``), the rest background (IoU in ``[BG_THRESH_LO, BG_THRESH_HI)``), repeating
+background RoIs at random when there are too few (the reference's fill-up). Regression targets are
+normalised by ``BBOX_NORMALIZE_MEANS``/``STDS``. Coordinates: network-input pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from frcnn.boxes import bbox_transform, box_iou
+from frcnn.config import TrainConfig
+from frcnn.model.trace import Trace
+
+
+def _choose(idx: Tensor, size: int, generator: torch.Generator | None) -> Tensor:
+    """``size`` entries of ``idx`` at random: without replacement when there are enough, else with."""
+    if size <= 0 or idx.numel() == 0:
+        return idx[:0]
+    if idx.numel() >= size:
+        pick = torch.randperm(idx.numel(), generator=generator)[:size]
+    else:
+        pick = torch.randint(idx.numel(), (size,), generator=generator)
+    return idx[pick.to(idx.device)]
+
+
+@torch.no_grad()
+def proposal_target_layer(
+    rois: Tensor,
+    gt_boxes: Sequence[Tensor],
+    gt_labels: Sequence[Tensor],
+    cfg: TrainConfig,
+    generator: torch.Generator | None = None,
+    trace: Trace | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sampled RoIs (S, 5), their labels (S,) (0 = background) and normalised targets (S, 4)."""
+    num_images = len(gt_boxes)
+    rois_per_image = cfg.BATCH_SIZE // num_images
+    fg_per_image = round(cfg.FG_FRACTION * rois_per_image)
+    means = rois.new_tensor(cfg.BBOX_NORMALIZE_MEANS)
+    stds = rois.new_tensor(cfg.BBOX_NORMALIZE_STDS)
+    out_rois, out_labels, out_targets, out_assign, out_overlaps = [], [], [], [], []
+    for i in range(num_images):
+        gt = gt_boxes[i]
+        boxes = torch.cat((rois[rois[:, 0] == i, 1:], gt))
+        if gt.numel() > 0:
+            max_overlaps, assign = box_iou(boxes, gt).max(dim=1)
+            labels = gt_labels[i][assign]
+        else:  # no objects: every RoI is background
+            max_overlaps = boxes.new_zeros(boxes.shape[0])
+            assign = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
+            labels = assign.clone()
+        fg_idx = (max_overlaps >= cfg.FG_THRESH).nonzero().squeeze(1)
+        bg_mask = (max_overlaps < cfg.BG_THRESH_HI) & (max_overlaps >= cfg.BG_THRESH_LO)
+        if gt.numel() == 0:
+            bg_mask = torch.ones_like(bg_mask)
+        bg_idx = bg_mask.nonzero().squeeze(1)
+        if fg_idx.numel() > 0 and bg_idx.numel() > 0:
+            fg = _choose(fg_idx, min(fg_per_image, fg_idx.numel()), generator)
+            bg = _choose(bg_idx, rois_per_image - fg.numel(), generator)
+        elif fg_idx.numel() > 0:
+            fg, bg = _choose(fg_idx, rois_per_image, generator), bg_idx[:0]
+        else:
+            fg, bg = fg_idx[:0], _choose(bg_idx, rois_per_image, generator)
+        keep = torch.cat((fg, bg))
+        sampled = boxes[keep]
+        sampled_labels = labels[keep].clone()
+        sampled_labels[fg.numel():] = 0
+        if gt.numel() > 0:
+            targets = (bbox_transform(sampled, gt[assign[keep]]) - means) / stds
+        else:
+            targets = sampled.new_zeros((keep.numel(), 4))
+        targets[sampled_labels == 0] = 0
+        out_rois.append(torch.cat((sampled.new_full((keep.numel(), 1), i), sampled), dim=1))
+        out_labels.append(sampled_labels)
+        out_targets.append(targets)
+        out_assign.append(assign[keep])
+        out_overlaps.append(max_overlaps[keep])
+    rois_s, labels_s, targets_s = torch.cat(out_rois), torch.cat(out_labels), torch.cat(out_targets)
+    if trace is not None:
+        trace.put("proposal_target", rois=rois_s, labels=labels_s, gt_assignment=torch.cat(out_assign),
+                  max_overlaps=torch.cat(out_overlaps), fg_thresh=cfg.FG_THRESH,
+                  bg_thresh=(cfg.BG_THRESH_LO, cfg.BG_THRESH_HI), batch_size=cfg.BATCH_SIZE)
+    return rois_s, labels_s, targets_s

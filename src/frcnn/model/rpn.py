@@ -1,0 +1,80 @@
+"""Region proposal network and proposal layer.
+
+``rpn_net`` (3x3 conv + ReLU) runs over the head's feature map; two 1x1 convs give, per anchor,
+2 class scores (background, foreground; softmax) and 4 regression coefficients. The proposal layer
+applies the coefficients to the anchors, clips the boxes to the image, keeps the top
+``RPN_PRE_NMS_TOP_N`` by foreground score, runs NMS at ``RPN_NMS_THRESH`` and keeps at most
+``RPN_POST_NMS_TOP_N``. Boxes are in network-input pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import nms
+
+from frcnn.boxes import bbox_transform_inv, clip_boxes, to_exclusive
+from frcnn.model.trace import Trace
+
+
+class RPN(nn.Module):
+    def __init__(self, in_channels: int, channels: int, num_anchors: int):
+        super().__init__()
+        self.num_anchors = num_anchors
+        self.rpn_net = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.rpn_cls_score_net = nn.Conv2d(channels, 2 * num_anchors, 1)
+        self.rpn_bbox_pred_net = nn.Conv2d(channels, 4 * num_anchors, 1)
+        for layer in (self.rpn_net, self.rpn_cls_score_net, self.rpn_bbox_pred_net):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        """Scores (N, H*W*A, 2) and deltas (N, H*W*A, 4), anchors ordered ((h * W) + w) * A + a.
+
+        As in the reference, the 2A score channels are all A background scores, then all A foreground.
+        """
+        n, _, h, w = features.shape
+        a = self.num_anchors
+        x = torch.relu(self.rpn_net(features))
+        logits = self.rpn_cls_score_net(x).view(n, 2, a, h, w).permute(0, 3, 4, 2, 1).reshape(n, -1, 2)
+        deltas = self.rpn_bbox_pred_net(x).view(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+        return logits, deltas
+
+
+@torch.no_grad()
+def proposal_layer(
+    fg_scores: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
+    image_sizes: Tensor,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+    trace: Trace | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Turn anchors into proposals.
+
+    ``fg_scores`` (N, M), ``deltas`` (N, M, 4), ``anchors`` (M, 4), ``image_sizes`` (N, 2) as (h, w).
+    Returns ``rois`` (R, 5) as ``[batch_index, x1, y1, x2, y2]`` grouped by image, and their scores (R,).
+    """
+    n, m = fg_scores.shape
+    sizes = image_sizes.to(deltas.dtype)
+    boxes = bbox_transform_inv(anchors.unsqueeze(0), deltas)
+    boxes = clip_boxes(boxes, sizes[:, 0].view(n, 1, 1), sizes[:, 1].view(n, 1, 1))
+    k = min(pre_nms_top_n, m) if pre_nms_top_n > 0 else m
+    top_scores, order = fg_scores.topk(k, dim=1)
+    top_boxes = boxes.gather(1, order.unsqueeze(-1).expand(n, k, 4))
+    rois, scores = [], []
+    for i in range(n):
+        keep = nms(to_exclusive(top_boxes[i]), top_scores[i], nms_thresh)
+        if post_nms_top_n > 0:
+            keep = keep[:post_nms_top_n]
+        kept = top_boxes[i, keep]
+        rois.append(torch.cat((kept.new_full((kept.shape[0], 1), i), kept), dim=1))
+        scores.append(top_scores[i, keep])
+    out_rois, out_scores = torch.cat(rois), torch.cat(scores)
+    if trace is not None:
+        trace.put("proposal_layer", pre_nms_boxes=top_boxes, pre_nms_scores=top_scores, rois=out_rois,
+                  scores=out_scores, pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
+                  nms_thresh=nms_thresh)
+    return out_rois, out_scores
