@@ -76,12 +76,13 @@ def _freeze(*modules: nn.Module) -> None:
             p.requires_grad_(False)
 
 
-def _resnet(cfg: Config) -> Backbone:
+def _resnet(cfg: Config, load: bool) -> Backbone:
     pretrained = bool(cfg.PRETRAINED)
     build = resnet50 if cfg.BACKBONE == "res50" else resnet101
     net = build(weights=None, norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d)
     if pretrained:
-        _load_into(net, cfg.PRETRAINED, ignore_prefixes=("fc.",))
+        if load:
+            _load_into(net, cfg.PRETRAINED, ignore_prefixes=("fc.",))
         stages = [net.layer1, net.layer2, net.layer3]
         _freeze(net.conv1, net.bn1, *stages[: cfg.RESNET.FIXED_BLOCKS])
     # layer4 at stride 1: the 7x7 pooled crops stay 7x7 (reference resnet_v1)
@@ -92,10 +93,11 @@ def _resnet(cfg: Config) -> Backbone:
     return Backbone(head, tail, 1024, 2048)
 
 
-def _vgg16(cfg: Config) -> Backbone:
+def _vgg16(cfg: Config, load: bool) -> Backbone:
     net = vgg16(weights=None)
     if cfg.PRETRAINED:
-        _load_into(net, cfg.PRETRAINED, ignore_prefixes=("classifier.6.",))
+        if load:
+            _load_into(net, cfg.PRETRAINED, ignore_prefixes=("classifier.6.",))
         _freeze(*net.features[:10])
     head = net.features[:30]  # up to relu5_3, without pool5
     tail = nn.Sequential(nn.Flatten(), *net.classifier[:6])  # fc6, relu, dropout, fc7, relu, dropout
@@ -106,7 +108,7 @@ def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-def _tiny(cfg: Config) -> Backbone:
+def _tiny(cfg: Config, load: bool) -> Backbone:
     widths = (32, 64, 128, 256)
     layers: list[nn.Module] = []
     cin = 3
@@ -120,7 +122,7 @@ def _tiny(cfg: Config) -> Backbone:
     for m in head.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    if cfg.PRETRAINED:
+    if cfg.PRETRAINED and load:
         state = load_state_dict_file(cfg.PRETRAINED)
         try:
             head.load_state_dict(state)
@@ -129,9 +131,12 @@ def _tiny(cfg: Config) -> Backbone:
     return Backbone(head, tail, cin, 512)
 
 
-def build_backbone(cfg: Config) -> Backbone:
+def build_backbone(cfg: Config, load_pretrained: bool = True) -> Backbone:
+    """Build head and tail. With ``PRETRAINED`` set the structure is the pretrained one (frozen BN, fixed
+    blocks) whether or not the file is read: ``load_pretrained=False`` rebuilds a trained model whose
+    weights come from a checkpoint instead."""
     if cfg.BACKBONE in ("res50", "res101"):
-        return _resnet(cfg)
+        return _resnet(cfg, load_pretrained)
     if cfg.BACKBONE == "vgg16":
-        return _vgg16(cfg)
-    return _tiny(cfg)
+        return _vgg16(cfg, load_pretrained)
+    return _tiny(cfg, load_pretrained)

@@ -39,12 +39,13 @@ class Detections:
 
 
 class FasterRCNN(nn.Module):
-    def __init__(self, cfg: Config, num_classes: int):
-        """``num_classes`` counts the object classes (K); the network adds background as class 0."""
+    def __init__(self, cfg: Config, num_classes: int, load_pretrained: bool = True):
+        """``num_classes`` counts the object classes (K); the network adds background as class 0.
+        ``load_pretrained=False`` skips reading ``PRETRAINED`` (weights will come from a checkpoint)."""
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
-        backbone = build_backbone(cfg)
+        backbone = build_backbone(cfg, load_pretrained)
         self.head = backbone.head
         self.anchor_generator = AnchorGenerator(cfg.ANCHOR_SCALES, cfg.ANCHOR_RATIOS, cfg.FEAT_STRIDE)
         self.rpn = RPN(backbone.head_channels, cfg.RPN_CHANNELS, self.anchor_generator.num_anchors)

@@ -1,0 +1,99 @@
+"""Training batches as a pure function of ``(RNG_SEED, iteration)``.
+
+Like the reference, the training set is doubled with mirrored copies when ``TRAIN.USE_FLIPPED`` and
+visited in a fresh random order every epoch; each batch picks one of ``TRAIN.SCALES`` at random. Here
+the order of epoch ``e`` and everything random in iteration ``i`` (scale, the anchor and RoI sampling of
+the layers, dropout) come from generators seeded by ``(seed, e)`` and ``(seed, i)``, so iteration ``i``
+is the same whether the run started at 0 or resumed at ``i``: ``--resume`` needs no RNG state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from frcnn.boxes import flip_boxes, scale_boxes
+from frcnn.config import Config
+from frcnn.data.sample import Sample
+from frcnn.transforms import batch_images, image_to_tensor, prep_image
+
+
+class DetectionDataset(Protocol):
+    classes: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> Sample: ...
+    def load_image(self, sample: Sample) -> Image.Image: ...
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    """A well-mixed 63-bit seed for iteration ``iteration`` of a run seeded with ``seed``."""
+    x = (seed * 0x9E3779B97F4A7C15 + iteration * 0xBF58476D1CE4E5B9 + 1) % (1 << 64)
+    x ^= x >> 31
+    return (x * 0x94D049BB133111EB % (1 << 64)) >> 1
+
+
+@dataclass
+class Batch:
+    images: Tensor  # (N, 3, H, W) pre-processed
+    image_sizes: Tensor  # (N, 2) true (h, w)
+    gt_boxes: list[Tensor]  # network-input pixels, non-difficult boxes only
+    gt_labels: list[Tensor]
+    image_ids: list[str]
+    seed: int  # seeds the layers' sampling generator for this iteration
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """``batches[i]`` is the batch of iteration ``i`` (usable with a DataLoader and worker processes)."""
+
+    def __init__(self, dataset: DetectionDataset, cfg: Config):
+        if len(dataset) == 0:
+            raise ValueError("the training set has no images")
+        self.dataset, self.cfg = dataset, cfg
+        self.copies = 2 if cfg.TRAIN.USE_FLIPPED else 1
+        self._perm_cache: tuple[int, Tensor] | None = None
+
+    def __len__(self) -> int:  # only meaningful with a sampler of iteration numbers
+        return self.cfg.TRAIN.MAX_ITERS
+
+    def _perm(self, epoch: int) -> Tensor:
+        if self._perm_cache is None or self._perm_cache[0] != epoch:
+            g = torch.Generator().manual_seed(iteration_seed(self.cfg.RNG_SEED, -1 - epoch))
+            self._perm_cache = (epoch, torch.randperm(len(self.dataset) * self.copies, generator=g))
+        return self._perm_cache[1]
+
+    def entries(self, iteration: int) -> list[tuple[int, bool]]:
+        """(dataset index, flipped) of each image of iteration ``iteration``."""
+        n, per = len(self.dataset), self.cfg.TRAIN.IMS_PER_BATCH
+        total = n * self.copies
+        out = []
+        for k in range(iteration * per, (iteration + 1) * per):
+            epoch, pos = divmod(k, total)
+            entry = int(self._perm(epoch)[pos])
+            out.append((entry % n, entry >= n))
+        return out
+
+    def __getitem__(self, iteration: int) -> Batch:
+        cfg, train = self.cfg, self.cfg.TRAIN
+        seed = iteration_seed(cfg.RNG_SEED, iteration)
+        g = torch.Generator().manual_seed(seed)
+        target = train.SCALES[int(torch.randint(len(train.SCALES), (1,), generator=g))]
+        tensors, boxes, labels, ids = [], [], [], []
+        for index, flipped in self.entries(iteration):
+            sample = self.dataset[index]
+            prepared = prep_image(image_to_tensor(self.dataset.load_image(sample)), target, train.MAX_SIZE,
+                                  cfg.PIXEL_MEANS, cfg.PIXEL_STDS, flip=flipped)
+            keep = ~sample.difficult
+            b = sample.boxes[keep]
+            if flipped:
+                b = flip_boxes(b, sample.width)
+            tensors.append(prepared.tensor)
+            boxes.append(scale_boxes(b, prepared.scale))
+            labels.append(sample.labels[keep])
+            ids.append(sample.image_id + (" (flipped)" if flipped else ""))
+        images, sizes = batch_images(tensors)
+        return Batch(images, sizes, boxes, labels, ids, seed)

@@ -1,0 +1,133 @@
+"""Checkpoint folders: everything ``eval`` and ``detect`` need, and nothing that can run code.
+
+A checkpoint folder holds ``model.safetensors`` (the weights), ``config.yaml`` (the full resolved
+config) and ``meta.json`` (class names, iteration, frcnn version). A training run's ``--out`` folder is
+itself a checkpoint of its latest snapshot; ``snapshots/iter_NNNNNNN/`` keeps the last
+``TRAIN.SNAPSHOT_KEPT`` snapshots, each a checkpoint plus ``optimizer.safetensors`` (momentum buffers)
+for ``--resume``. Files are written to a temporary name and renamed, so an interrupted write never
+leaves a half-written checkpoint behind. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from frcnn import __version__
+from frcnn.config import Config, config_from_dict, dump_yaml
+from frcnn.errors import CheckpointError, ConfigError
+
+WEIGHTS, CONFIG, META, OPTIMIZER = "model.safetensors", "config.yaml", "meta.json", "optimizer.safetensors"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    folder: Path,
+    model: torch.nn.Module,
+    cfg: Config,
+    class_names: list[str] | tuple[str, ...],
+    iteration: int,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "frcnn"}))
+    _atomic_write(folder / CONFIG, lambda p: p.write_text(dump_yaml(cfg)))
+    meta = {"format": "frcnn-checkpoint", "version": __version__, "classes": list(class_names),
+            "iteration": iteration}
+    if optimizer is not None:
+        buffers = {
+            str(i): s["momentum_buffer"].detach().contiguous().cpu()
+            for i, s in enumerate(optimizer.state[p] for g in optimizer.param_groups for p in g["params"])
+            if s.get("momentum_buffer") is not None
+        }
+        _atomic_write(folder / OPTIMIZER, lambda p: save_file(buffers, str(p)))
+    _atomic_write(folder / META, lambda p: p.write_text(json.dumps(meta, indent=2)))
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    cfg: Config
+    class_names: tuple[str, ...]
+    iteration: int
+    weights: dict[str, torch.Tensor]
+
+    def load_optimizer_into(self, optimizer: torch.optim.Optimizer) -> None:
+        path = self.folder / OPTIMIZER
+        if not path.is_file():
+            raise CheckpointError(f"{self.folder}: no {OPTIMIZER} to resume from")
+        buffers = load_file(str(path))
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for key, buf in buffers.items():
+            p = params[int(key)]
+            optimizer.state[p]["momentum_buffer"] = buf.to(p.device)
+
+
+def read_checkpoint(folder: str | Path) -> Checkpoint:
+    """Read and validate a checkpoint folder; any problem is one :class:`CheckpointError` line."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    for name in (WEIGHTS, CONFIG, META):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: not a frcnn checkpoint (missing {name})")
+    try:
+        meta = json.loads((folder / META).read_text())
+        classes = tuple(str(c) for c in meta["classes"])
+        iteration = int(meta.get("iteration", 0))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / META}: unreadable ({type(e).__name__}: {e})") from None
+    if meta.get("format") != "frcnn-checkpoint" or not classes:
+        raise CheckpointError(f"{folder / META}: not a frcnn checkpoint")
+    try:
+        cfg = config_from_dict(yaml.safe_load((folder / CONFIG).read_text()) or {})
+    except (yaml.YAMLError, ConfigError) as e:
+        raise CheckpointError(f"{folder / CONFIG}: {str(e).splitlines()[0]}") from None
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / WEIGHTS}: unreadable weights ({e})") from None
+    return Checkpoint(folder, cfg, classes, iteration, weights)
+
+
+def load_model(folder: str | Path, device: torch.device | str = "cpu", overrides: dict[str, Any] | None = None):
+    """Build the detector a checkpoint describes and load its weights: ``(model, checkpoint)``."""
+    from frcnn.config import merge
+    from frcnn.model.detector import FasterRCNN
+
+    ckpt = read_checkpoint(folder)
+    cfg = merge(ckpt.cfg, overrides or {})
+    # the weights come from the checkpoint, never from the backbone file named at training time
+    model = FasterRCNN(cfg, len(ckpt.class_names), load_pretrained=False)
+    try:
+        model.load_state_dict(ckpt.weights, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt.folder / WEIGHTS}: weights do not fit the config ({str(e)[:200]})") from None
+    ckpt.cfg = cfg
+    return model.to(device).eval(), ckpt
+
+
+def prune_snapshots(snap_root: Path, keep: int) -> None:
+    snaps = sorted(p for p in snap_root.glob("iter_*") if p.is_dir())
+    for old in snaps[: max(0, len(snaps) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_snapshot(snap_root: Path) -> Path | None:
+    snaps = sorted(p for p in snap_root.glob("iter_*") if (p / META).is_file())
+    return snaps[-1] if snaps else None

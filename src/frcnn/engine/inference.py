@@ -1,0 +1,48 @@
+"""Inference on images as they come: pre-process, detect, and map boxes back to original image pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from frcnn.boxes import clip_boxes, scale_boxes
+from frcnn.config import Config, resolve_device
+from frcnn.engine.checkpoint import load_model
+from frcnn.model.detector import Detections, FasterRCNN
+from frcnn.model.trace import Trace
+from frcnn.transforms import batch_images, image_to_tensor, prep_image
+
+
+class Predictor:
+    """A trained detector with its config and class names; ``predict`` takes PIL images."""
+
+    def __init__(self, model: FasterRCNN, cfg: Config, class_names: Sequence[str]):
+        self.model, self.cfg, self.class_names = model.eval(), cfg, tuple(class_names)
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None) -> Predictor:
+        model, ckpt = load_model(folder, "cpu")
+        device = torch.device(device) if device is not None else resolve_device(ckpt.cfg)
+        return cls(model.to(device), ckpt.cfg, ckpt.class_names)
+
+    @torch.no_grad()
+    def predict(self, images: Sequence[Image.Image], trace: Trace | None = None) -> list[Detections]:
+        """Detections of each image, boxes in that image's original pixels (+1 convention)."""
+        cfg = self.cfg
+        prepared = [prep_image(image_to_tensor(im).to(self.device), cfg.TEST.SCALES[0], cfg.TEST.MAX_SIZE,
+                               cfg.PIXEL_MEANS, cfg.PIXEL_STDS) for im in images]
+        batch, sizes = batch_images([p.tensor for p in prepared])
+        if trace is not None:
+            trace.put("preprocess", scales=[p.scale for p in prepared],
+                      original_sizes=[p.original_size for p in prepared], input=batch)
+        detections = self.model(batch, sizes.to(self.device), trace=trace)
+        out = []
+        for p, d in zip(prepared, detections):
+            h, w = p.original_size
+            boxes = clip_boxes(scale_boxes(d.boxes, 1.0 / p.scale), h, w)
+            out.append(Detections(boxes.cpu(), d.scores.cpu(), d.labels.cpu()))
+        return out
