@@ -163,6 +163,13 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _parse_number(key: str, text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key} expects a number, got {text!r}") from None
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the field's type ``hint``; ints are accepted for floats."""
     origin = typing.get_origin(hint)
@@ -173,11 +180,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{key} expects a list, got {value!r}")
         (elem, _) = typing.get_args(hint)
         return tuple(_coerce(key, v, elem) for v in value)
+    if hint in (int, float) and isinstance(value, str):
+        value = _parse_number(key, value)  # YAML 1.1 reads "1e-3" as a string
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} expects a number, got {value!r}")
         return float(value)
     if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key} expects an integer, got {value!r}")
         return value
