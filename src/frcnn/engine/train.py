@@ -130,7 +130,7 @@ def train(
                            generator=generator)
             total = sum(losses.values())
             if not torch.isfinite(total):
-                bad = {k: float(v) for k, v in losses.items()}
+                bad = {k: round(v.item(), 4) for k, v in losses.items()}
                 raise TrainingError(f"non-finite loss at iteration {it + 1} {bad} on images {batch.image_ids}; "
                                     f"last good snapshot: {last_snapshot}")
             optimizer.zero_grad(set_to_none=True)
