@@ -1,0 +1,184 @@
+"""The whole detector (frcnn.model.detector) on the 'tiny' backbone: losses, batches, detections, trace."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from frcnn.boxes import bbox_transform_inv, clip_boxes
+from frcnn.config import load_config
+from frcnn.model.anchors import generate_anchors, shift_anchors
+from frcnn.model.detector import FasterRCNN
+from frcnn.model.trace import Trace
+from frcnn.transforms import batch_images
+
+K = 3
+SIZES = [(160, 224), (128, 96)]  # (h, w): two different sizes
+GTS = [torch.tensor([[20.0, 30, 99, 119], [120.0, 10, 200, 70]]), torch.tensor([[10.0, 40, 60, 100]])]
+LABELS = [torch.tensor([1, 3]), torch.tensor([2])]
+
+
+def _cfg(*overrides: str):
+    return load_config("demo-cpu", ["DEVICE=cpu", *overrides])
+
+
+def _model(*overrides: str) -> FasterRCNN:
+    torch.manual_seed(0)
+    return FasterRCNN(_cfg(*overrides), num_classes=K)
+
+
+def _batch(n: int = 2):
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randn(3, h, w, generator=g) for h, w in SIZES[:n]]
+    return batch_images(images)
+
+
+def _train_forward(model, n=2, seed=0, trace=None):
+    model.train()
+    images, sizes = _batch(n)
+    return model(images, sizes, GTS[:n], LABELS[:n], torch.Generator().manual_seed(seed), trace)
+
+
+def test_train_losses_finite_with_the_four_keys_and_backprop():
+    model = _model()
+    losses = _train_forward(model, n=1)
+    assert set(losses) == {"rpn_cls", "rpn_box", "rcnn_cls", "rcnn_box"}
+    for name, value in losses.items():
+        assert value.dim() == 0 and math.isfinite(value.item()), name
+    assert losses["rpn_cls"].item() == pytest.approx(math.log(2), abs=0.05)  # untrained: ~uniform over 2
+    assert losses["rcnn_cls"].item() == pytest.approx(math.log(K + 1), abs=0.2)
+    sum(losses.values()).backward()
+    for module in (model.head, model.rpn, model.classifier):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_train_batch_of_two_sizes_and_reproducible():
+    model = _model()
+    trace = Trace()
+    a = _train_forward(model, n=2, seed=3, trace=trace)
+    b = _train_forward(model, n=2, seed=3)
+    for key in a:
+        assert math.isfinite(a[key].item())
+        torch.testing.assert_close(a[key], b[key])
+    cfg = model.cfg.TRAIN
+    labels = trace["anchor_target"]["labels"]
+    assert labels.shape[0] == 2
+    inside = trace["anchor_target"]["inside"]
+    assert int(inside[0].sum()) > cfg.RPN_BATCHSIZE > int(inside[1].sum())
+    assert int((labels[0] >= 0).sum()) == cfg.RPN_BATCHSIZE  # fg + bg when enough anchors exist
+    rec = trace["anchor_target"]
+    candidates = inside[1] & (rec["type_a"][1] | rec["type_b"][1] | (rec["max_overlaps"][1] < 0.3))
+    assert int((labels[1] >= 0).sum()) == int(candidates.sum())  # the small image: every candidate is used
+    for i in range(2):
+        assert int((labels[i] == 1).sum()) > 0
+        assert int((labels[i] == 1).sum()) <= cfg.RPN_FG_FRACTION * cfg.RPN_BATCHSIZE
+        assert (labels[i, ~inside[i]] == -1).all()
+    pt = trace["proposal_target"]
+    assert pt["rois"].shape[0] == cfg.BATCH_SIZE
+    assert int((pt["rois"][:, 0] == 1).sum()) == cfg.BATCH_SIZE // 2
+    assert (pt["labels"] >= 0).all() and (pt["labels"] <= K).all()
+    assert torch.equal(trace["roi_pooling"]["rois"], pt["rois"])  # training pools the sampled RoIs
+    assert trace["proposal_layer"]["post_nms_top_n"] == cfg.RPN_POST_NMS_TOP_N
+
+
+def test_training_without_gt_raises():
+    model = _model()
+    images, sizes = _batch(1)
+    with pytest.raises(ValueError, match="gt_boxes"):
+        model(images, sizes)
+
+
+@torch.no_grad()
+def test_eval_detections_capped_labelled_and_inside_each_image():
+    model = _model("TEST.MAX_PER_IMAGE=7")
+    model.eval()
+    model.classifier.bbox_pred_net.bias[2::4] = 5.0  # every refined box 2.7x wider and taller than its RoI:
+    model.classifier.bbox_pred_net.bias[3::4] = 5.0  # only clipping keeps it inside the image
+    images, sizes = _batch(2)
+    dets = model(images, sizes)
+    assert len(dets) == 2
+    for d, (h, w) in zip(dets, SIZES):
+        assert 0 < d.boxes.shape[0] <= 7  # an untrained net scores everything above SCORE_THRESH 0
+        assert d.boxes.shape == (d.scores.shape[0], 4) and d.labels.shape == d.scores.shape
+        assert ((d.labels >= 1) & (d.labels <= K)).all()
+        assert (d.boxes[:, 0::2] >= 0).all() and (d.boxes[:, 2] <= w - 1).all()
+        assert (d.boxes[:, 1::2] >= 0).all() and (d.boxes[:, 3] <= h - 1).all()
+        assert (d.boxes[:, 2] == w - 1).any() and (d.boxes[:, 3] == h - 1).any()  # clipped to its own size
+        assert torch.equal(d.scores, d.scores.sort(descending=True).values)
+
+
+@torch.no_grad()
+def test_eval_trace_stage_counts():
+    model = _model()
+    model.eval()
+    images, sizes = _batch(2)
+    trace = Trace()
+    dets = model(images, sizes, trace=trace)
+    test = model.cfg.TEST
+    for stage in ("head", "anchors", "rpn", "proposal_layer", "roi_pooling", "classification", "detections"):
+        assert stage in trace, stage
+        assert stage in trace.timings, stage
+    assert "anchor_target" not in trace and "proposal_target" not in trace
+    fh, fw = trace["anchors"]["feat_size"]
+    assert (fh, fw) == (10, 14)  # 160x224 padded batch at stride 16
+    expected = shift_anchors(generate_anchors(16, model.cfg.ANCHOR_RATIOS, model.cfg.ANCHOR_SCALES), fh, fw, 16)
+    assert torch.equal(trace["anchors"]["anchors"], expected)
+    assert trace["rpn"]["fg_scores"].shape == (2, fh * fw * 9)
+    rois = trace["proposal_layer"]["rois"]
+    for i, (h, w) in enumerate(SIZES):
+        sel = rois[:, 0] == i
+        assert 0 < int(sel.sum()) <= test.RPN_POST_NMS_TOP_N
+        assert (rois[sel, 3] <= w - 1).all() and (rois[sel, 4] <= h - 1).all()
+    assert trace["proposal_layer"]["pre_nms_boxes"].shape[1] == min(test.RPN_PRE_NMS_TOP_N, fh * fw * 9)
+    assert torch.equal(trace["roi_pooling"]["rois"], rois)  # inference pools every proposal
+    assert trace["roi_pooling"]["crops"].shape == (rois.shape[0], 256, 7, 7)
+    assert trace["classification"]["cls_prob"].shape == (rois.shape[0], K + 1)
+    final = trace["detections"]["final"]
+    assert [f["boxes"].shape[0] for f in final] == [d.boxes.shape[0] for d in dets]
+
+
+def test_without_trace_nothing_is_recorded(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Trace method was called without a trace")
+
+    monkeypatch.setattr(Trace, "put", refuse)
+    monkeypatch.setattr(Trace, "timed", refuse)
+    model = _model()
+    losses = _train_forward(model, n=2, trace=None)
+    assert set(losses) == {"rpn_cls", "rpn_box", "rcnn_cls", "rcnn_box"}
+    model.eval()
+    images, sizes = _batch(2)
+    with torch.no_grad():
+        dets = model(images, sizes, trace=None)
+    assert len(dets) == 2
+
+
+@pytest.mark.parametrize("mode", ["crop", "pool"])
+def test_other_pooling_modes_train(mode):
+    model = _model(f"POOLING_MODE={mode}")
+    losses = _train_forward(model, n=1)
+    assert all(math.isfinite(v.item()) for v in losses.values())
+
+
+@torch.no_grad()
+def test_detections_use_their_own_class_scores_and_boxes():
+    model = _model("TEST.SCORE_THRESH=0.5")
+    model.eval()
+    cls, box = model.classifier.cls_score_net, model.classifier.bbox_pred_net
+    cls.weight.zero_()
+    cls.bias.copy_(torch.tensor([0.0, 0.0, 10.0, 0.0]))  # class 2 wins everywhere
+    box.weight.zero_()
+    box.bias.zero_()
+    box.bias[8:12] = torch.tensor([1.0, -1.0, -2.0, -2.0])  # class 2 moves and shrinks its boxes; others stay
+    images, sizes = _batch(1)
+    trace = Trace()
+    det = model(images, sizes, trace=trace)[0]
+    assert det.labels.numel() > 0 and (det.labels == 2).all() and (det.scores > 0.99).all()
+    rois = trace["proposal_layer"]["rois"][:, 1:]
+    stds = torch.tensor(model.cfg.TRAIN.BBOX_NORMALIZE_STDS)
+    expected = clip_boxes(bbox_transform_inv(rois, box.bias[8:12].expand(len(rois), 4) * stds), *SIZES[0])
+    dist = (det.boxes[:, None] - expected[None]).abs().amax(-1).min(1).values
+    assert (dist < 1e-3).all()  # every detection is a class-2 refinement of a proposal
+    assert not torch.equal(expected, clip_boxes(rois, *SIZES[0]))

@@ -1,0 +1,171 @@
+"""RPN (frcnn.model.rpn): output layout, anchor ordering, and the proposal layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from frcnn.model.anchors import generate_anchors, shift_anchors
+from frcnn.model.rpn import RPN, proposal_layer
+from frcnn.model.trace import Trace
+
+
+def test_rpn_output_shapes():
+    rpn = RPN(8, 16, 9)
+    logits, deltas = rpn(torch.randn(2, 8, 3, 5))
+    assert logits.shape == (2, 3 * 5 * 9, 2)
+    assert deltas.shape == (2, 3 * 5 * 9, 4)
+
+
+def _hand_set_rpn(c: int, a: int, anchor: int) -> RPN:
+    """rpn_net copies its input (centre tap identity); the heads read input channel 0 only, for ``anchor``:
+    its foreground logit is 10 (its background 0) and its deltas are (1, 2, 3, 4)."""
+    rpn = RPN(c, c, a)
+    with torch.no_grad():
+        for layer in (rpn.rpn_net, rpn.rpn_cls_score_net, rpn.rpn_bbox_pred_net):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        for k in range(c):
+            rpn.rpn_net.weight[k, k, 1, 1] = 1.0
+        rpn.rpn_cls_score_net.weight[a + anchor, 0, 0, 0] = 10.0  # channels: A background, then A foreground
+        for k in range(4):
+            rpn.rpn_bbox_pred_net.weight[anchor * 4 + k, 0, 0, 0] = k + 1.0  # channels: per anchor, 4 coords
+    return rpn
+
+
+@pytest.mark.parametrize(("h", "w", "anchor"), [(0, 0, 0), (1, 3, 5), (2, 4, 8), (2, 0, 3)])
+def test_rpn_anchor_ordering(h, w, anchor):
+    H, W, A = 3, 5, 9
+    rpn = _hand_set_rpn(4, A, anchor)
+    features = torch.zeros(1, 4, H, W)
+    features[0, 0, h, w] = 1.0
+    logits, deltas = rpn(features)
+    row = ((h * W) + w) * A + anchor
+    fg = logits.softmax(-1)[0, :, 1]
+    assert int(fg.argmax()) == row
+    assert logits[0, row].tolist() == [0.0, 10.0]
+    assert (logits[0, torch.arange(H * W * A) != row] == 0).all()
+    assert deltas[0, row].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert int((deltas[0].abs().sum(-1) > 0).sum()) == 1
+
+
+def test_rpn_rows_match_shifted_anchor_rows():
+    """The row a score lands in is the row of the anchor at that cell in shift_anchors."""
+    H, W, A = 3, 5, 9
+    h, w, anchor = 2, 1, 7
+    rpn = _hand_set_rpn(4, A, anchor)
+    features = torch.zeros(1, 4, H, W)
+    features[0, 0, h, w] = 1.0
+    row = int(rpn(features)[0].softmax(-1)[0, :, 1].argmax())
+    anchors = shift_anchors(generate_anchors(), H, W, 16)
+    expected = generate_anchors()[anchor] + torch.tensor([w * 16.0, h * 16, w * 16, h * 16])
+    assert torch.equal(anchors[row], expected)
+
+
+def test_rpn_batch_items_independent():
+    rpn = RPN(4, 8, 9)
+    x = torch.randn(2, 4, 3, 5)
+    logits, deltas = rpn(x)
+    l1, d1 = rpn(x[1:])
+    torch.testing.assert_close(logits[1:], l1)
+    torch.testing.assert_close(deltas[1:], d1)
+
+
+# --------------------------------------------------------------------------------------- proposal layer
+
+
+def _proposals(boxes, scores, sizes=((1000, 1000),), pre=100, post=100, thresh=0.7, trace=None):
+    boxes = torch.as_tensor(boxes)
+    scores = torch.as_tensor(scores, dtype=boxes.dtype)
+    n = scores.shape[0] if scores.dim() == 2 else 1
+    scores = scores.view(n, -1)
+    deltas = torch.zeros(n, boxes.shape[0], 4, dtype=boxes.dtype)
+    return proposal_layer(scores, deltas, boxes, torch.tensor(sizes), pre, post, thresh, trace)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nms_keeps_iou_exactly_at_threshold(dtype):
+    # +1 convention: [0,0,9,9] is 100 px, [0,0,6,9] is 70 px inside it: IoU exactly 0.7; reference keeps ovr <= thresh
+    boxes = torch.tensor([[0.0, 0, 9, 9], [0.0, 0, 6, 9]], dtype=dtype)
+    rois, scores = _proposals(boxes, [0.9, 0.8], thresh=0.7)
+    assert rois.shape[0] == 2
+    rois, _ = _proposals(boxes, [0.9, 0.8], thresh=0.69)
+    assert rois[:, 1:].tolist() == [[0.0, 0.0, 9.0, 9.0]]
+
+
+def test_nms_measures_iou_with_plus_one():
+    # +1 IoU of [0,0,9,9] and [0,0,7,9] is 80/100 = 0.8; without +1 it would be 63/81 = 0.778
+    boxes = torch.tensor([[0.0, 0, 9, 9], [0.0, 0, 7, 9]])
+    rois, _ = _proposals(boxes, [0.9, 0.8], thresh=0.79)
+    assert rois.shape[0] == 1
+    rois, _ = _proposals(boxes, [0.9, 0.8], thresh=0.81)
+    assert rois.shape[0] == 2
+
+
+@pytest.mark.xfail(strict=True, reason="float32 IoU 0.8f (0.80000001) is compared with the float64 threshold 0.8 "
+                   "inside torchvision.ops.nms, so an IoU exactly at the threshold is suppressed; the reference "
+                   "(float32 compare, keep ovr <= thresh) keeps it")
+def test_nms_keeps_float32_iou_exactly_at_threshold_08():
+    boxes = torch.tensor([[0.0, 0, 9, 9], [0.0, 0, 7, 9]])  # IoU exactly 0.8 under +1
+    rois, _ = _proposals(boxes, [0.9, 0.8], thresh=0.8)
+    assert rois.shape[0] == 2
+
+
+def test_proposals_decoded_from_deltas():
+    anchors = torch.tensor([[10.0, 20, 49, 59]])
+    deltas = torch.tensor([[[0.25, -0.5, 0.6931472, 0.0]]])
+    rois, _ = proposal_layer(torch.tensor([[0.9]]), deltas, anchors, torch.tensor([[1000, 1000]]), 10, 10, 0.7)
+    torch.testing.assert_close(rois, torch.tensor([[0.0, 0.0, 0.0, 79.0, 39.0]]), rtol=0, atol=1e-4)
+
+
+def test_clipping_to_each_images_own_size_and_batch_index():
+    anchors = torch.tensor([[-50.0, -50, 500, 500], [100.0, 10, 900, 40], [5.0, 5, 20, 20]])
+    scores = torch.tensor([[0.9, 0.8, 0.7], [0.7, 0.8, 0.9]])
+    deltas = torch.zeros(2, 3, 4)
+    sizes = torch.tensor([[300, 400], [60, 80]])  # (h, w)
+    rois, out_scores = proposal_layer(scores, deltas, anchors, sizes, 10, 10, 0.7)
+    img0, img1 = rois[rois[:, 0] == 0], rois[rois[:, 0] == 1]
+    assert torch.equal(rois[:, 0], torch.tensor([0.0] * len(img0) + [1.0] * len(img1)))  # grouped by image
+    assert img0[:, 1:].tolist() == [[0.0, 0.0, 399.0, 299.0], [100.0, 10.0, 399.0, 40.0], [5.0, 5.0, 20.0, 20.0]]
+    assert (img1[:, [1, 3]] <= 79).all() and (img1[:, [2, 4]] <= 59).all() and (img1[:, 1:] >= 0).all()
+    assert [0.0, 0.0, 79.0, 59.0] in img1[:, 1:].tolist()
+
+
+def test_at_most_post_nms_top_n_per_image_and_sorted_scores():
+    g = torch.Generator().manual_seed(0)
+    anchors = shift_anchors(generate_anchors(), 10, 12, 16)
+    m = anchors.shape[0]
+    scores = torch.rand(2, m, generator=g)
+    deltas = torch.randn(2, m, 4, generator=g) * 0.1
+    sizes = torch.tensor([[160, 192], [120, 150]])
+    trace = Trace()
+    rois, out_scores = proposal_layer(scores, deltas, anchors, sizes, 300, 25, 0.7, trace)
+    for i in range(2):
+        sel = rois[:, 0] == i
+        assert 0 < int(sel.sum()) <= 25
+        s = out_scores[sel]
+        assert torch.equal(s, s.sort(descending=True).values)
+    rec = trace["proposal_layer"]
+    assert rec["pre_nms_boxes"].shape == (2, 300, 4)
+    assert torch.equal(rec["pre_nms_scores"], scores.topk(300, dim=1).values)
+    assert torch.equal(rec["rois"], rois)
+
+
+def test_post_nms_cap_keeps_the_best():
+    boxes = torch.tensor([[0.0, 0, 9, 9], [100.0, 0, 109, 9], [200.0, 0, 209, 9], [300.0, 0, 309, 9]])
+    rois, scores = _proposals(boxes, [0.1, 0.9, 0.5, 0.7], post=2)
+    assert rois[:, 1].tolist() == [100.0, 300.0]
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.7]))
+
+
+def test_pre_nms_top_n_limits_candidates():
+    boxes = torch.tensor([[0.0, 0, 9, 9], [100.0, 0, 109, 9], [200.0, 0, 209, 9], [300.0, 0, 309, 9]])
+    rois, _ = _proposals(boxes, [0.1, 0.9, 0.5, 0.7], pre=3, post=10)
+    assert sorted(rois[:, 1].tolist()) == [100.0, 200.0, 300.0]
+
+
+def test_nms_suppresses_lower_scored_overlap_only_within_an_image():
+    boxes = torch.tensor([[0.0, 0, 9, 9], [1.0, 0, 10, 9]])  # IoU 0.818
+    scores = torch.tensor([[0.6, 0.9], [0.9, 0.6]])
+    rois, _ = proposal_layer(scores, torch.zeros(2, 2, 4), boxes, torch.tensor([[50, 50], [50, 50]]), 10, 10, 0.7)
+    assert rois.tolist() == [[0.0, 1.0, 0.0, 10.0, 9.0], [1.0, 0.0, 0.0, 9.0, 9.0]]
