@@ -1,0 +1,311 @@
+"""PASCAL VOC folders: read annotations into :class:`~frcnn.data.sample.Sample` records, and write them.
+
+Layout::
+
+    ROOT/Annotations/<id>.xml
+    ROOT/JPEGImages/<filename>            (<filename> from the XML, else <id>.jpg)
+    ROOT/ImageSets/Main/<split>.txt       (one image id per line)
+
+Coordinates: VOC XML boxes are **1-based** inclusive pixel indices (``1 <= xmin <= xmax <= width``).
+Every box this module returns is **0-based inclusive** float32 (``x - 1``), the +1 convention of
+:class:`~frcnn.data.sample.Sample` (a box ``[0, 0, 9, 9]`` is 10x10 pixels). ``write_voc_xml`` takes
+0-based boxes and writes them 1-based, so reading back gives the same numbers.
+
+Policy choices:
+
+* XML is parsed with ``defusedxml`` (no entity expansion, no external entities).
+* Class names are stripped of surrounding whitespace and are case-sensitive.
+* A degenerate box with ``xmin == xmax`` (or ``ymin == ymax``) is valid: it is one pixel wide.
+  A box with ``xmax < xmin``, a coordinate below 1 or beyond ``width``/``height`` is refused, as is a
+  non-finite coordinate.
+* Every problem is a one-line :class:`~frcnn.errors.DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import xml.etree.ElementTree as StdET  # used to *write* XML only; never to parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import defusedxml.ElementTree as SafeET
+import torch
+from defusedxml import DefusedXmlException
+from PIL import Image
+
+from frcnn.data.sample import Sample
+from frcnn.errors import DataError
+
+__all__ = ["VOCDataset", "parse_voc_xml", "write_voc_xml"]
+
+_COORDS = ("xmin", "ymin", "xmax", "ymax")
+
+
+@dataclass(frozen=True)
+class _Object:
+    name: str
+    box: tuple[float, float, float, float]  # 1-based, as in the XML
+    difficult: bool
+
+
+@dataclass(frozen=True)
+class _Annotation:
+    """One XML file, checked for everything except class names (which need the class list)."""
+
+    xml_path: Path
+    image_path: Path
+    width: int
+    height: int
+    objects: tuple[_Object, ...]
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def _text(parent, tag: str, where: str, xml_path: Path) -> str:
+    node = parent.find(tag)
+    if node is None or node.text is None or not node.text.strip():
+        raise DataError(f"{xml_path}: missing <{tag}> in {where}")
+    return node.text.strip()
+
+
+def _number(text: str, tag: str, where: str, xml_path: Path) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{xml_path}: {where} has a non-numeric <{tag}> {text!r}") from None
+    if not math.isfinite(value):
+        raise DataError(f"{xml_path}: {where} has a non-finite <{tag}> {text!r}")
+    return value
+
+
+def _image_path(images_dir: Path, filename: str, xml_path: Path) -> Path:
+    """``images_dir / filename``, refusing names that leave ``images_dir`` (checked lexically)."""
+    base = os.path.normpath(images_dir)
+    target = os.path.normpath(os.path.join(base, filename))
+    if os.path.isabs(filename) or os.path.commonpath([base, target]) != base or target == base:
+        raise DataError(f"{xml_path}: <filename> {filename!r} points outside {images_dir}")
+    return Path(target)
+
+
+def _read_annotation(xml_path: Path, images_dir: Path) -> _Annotation:
+    try:
+        root = SafeET.parse(xml_path).getroot()
+    except DefusedXmlException as e:
+        raise DataError(f"{xml_path}: refused unsafe XML ({type(e).__name__}: entities/DTDs are not allowed)") from None
+    except SafeET.ParseError as e:
+        raise DataError(f"{xml_path}: XML does not parse ({e})") from None
+    except OSError as e:
+        raise DataError(f"{xml_path}: cannot read ({e.strerror or e})") from None
+    if root.tag != "annotation":
+        raise DataError(f"{xml_path}: root element is <{root.tag}>, expected <annotation>")
+
+    filename_node = root.find("filename")
+    if filename_node is not None and filename_node.text and filename_node.text.strip():
+        filename = filename_node.text.strip()
+    else:
+        filename = f"{xml_path.stem}.jpg"
+    image_path = _image_path(images_dir, filename, xml_path)
+
+    size = root.find("size")
+    if size is None:
+        raise DataError(f"{xml_path}: missing <size>")
+    dims = []
+    for tag in ("width", "height"):
+        value = _number(_text(size, tag, "<size>", xml_path), tag, "<size>", xml_path)
+        if value < 1 or not value.is_integer():
+            raise DataError(f"{xml_path}: <size> has <{tag}> {value:g}, expected a positive integer")
+        dims.append(int(value))
+    width, height = dims
+
+    objects = []
+    for i, obj in enumerate(root.findall("object"), start=1):
+        where = f"box {i}"
+        name = _text(obj, "name", where, xml_path)
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            raise DataError(f"{xml_path}: missing <bndbox> in {where} ({name})")
+        x1, y1, x2, y2 = (_number(_text(bndbox, t, where, xml_path), t, where, xml_path) for t in _COORDS)
+        if x2 < x1:
+            raise DataError(f"{xml_path}: {where} has x2 < x1 (xmin={x1:g}, xmax={x2:g})")
+        if y2 < y1:
+            raise DataError(f"{xml_path}: {where} has y2 < y1 (ymin={y1:g}, ymax={y2:g})")
+        if x1 < 1 or y1 < 1 or x2 > width or y2 > height:
+            raise DataError(
+                f"{xml_path}: {where} ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside the {width}x{height} image "
+                f"(VOC coordinates are 1-based: 1 <= xmin <= xmax <= width)"
+            )
+        difficult_node = obj.find("difficult")
+        difficult = False
+        if difficult_node is not None and difficult_node.text and difficult_node.text.strip():
+            flag = _number(difficult_node.text.strip(), "difficult", where, xml_path)
+            if flag not in (0, 1):
+                raise DataError(f"{xml_path}: {where} has <difficult> {flag:g}, expected 0 or 1")
+            difficult = bool(flag)
+        objects.append(_Object(name, (x1, y1, x2, y2), difficult))
+    return _Annotation(xml_path, image_path, width, height, tuple(objects))
+
+
+def _to_sample(ann: _Annotation, class_to_index: Mapping[str, int], image_id: str) -> Sample:
+    labels = []
+    for i, obj in enumerate(ann.objects, start=1):
+        if obj.name not in class_to_index:
+            known = ", ".join(sorted(class_to_index, key=class_to_index.__getitem__))
+            raise DataError(f"{ann.xml_path}: box {i} has unknown class {obj.name!r} (known classes: {known})")
+        labels.append(class_to_index[obj.name])
+    n = len(ann.objects)
+    boxes = torch.tensor([o.box for o in ann.objects], dtype=torch.float32).reshape(n, 4) - 1.0
+    return Sample(
+        image_id=image_id,
+        path=ann.image_path,
+        width=ann.width,
+        height=ann.height,
+        boxes=boxes,
+        labels=torch.tensor(labels, dtype=torch.int64).reshape(n),
+        difficult=torch.tensor([o.difficult for o in ann.objects], dtype=torch.bool).reshape(n),
+    )
+
+
+def parse_voc_xml(
+    xml_path: str | os.PathLike, class_to_index: Mapping[str, int], images_dir: str | os.PathLike | None = None
+) -> Sample:
+    """Read one VOC annotation into a :class:`Sample` (boxes 0-based inclusive, labels from ``class_to_index``).
+
+    ``images_dir`` defaults to ``<xml_path>/../../JPEGImages`` (the VOC layout). ``image_id`` is the XML's stem.
+    Raises :class:`DataError` for unparsable or unsafe XML, missing tags, non-numeric coordinates,
+    inverted boxes, boxes outside the image, unknown class names and a ``<filename>`` outside ``images_dir``.
+    """
+    xml_path = Path(xml_path)
+    images_dir = Path(images_dir) if images_dir is not None else xml_path.parent.parent / "JPEGImages"
+    return _to_sample(_read_annotation(xml_path, images_dir), class_to_index, xml_path.stem)
+
+
+# ------------------------------------------------------------------------------------------ data set
+
+
+class VOCDataset:
+    """The images of one split of a VOC folder, annotations parsed once in ``__init__``.
+
+    ``classes`` is the tuple of class names; name ``classes[i]`` is label ``i + 1`` (0 is background).
+    If not given, it is every class name found in the split's XMLs, sorted alphabetically; pass the
+    training set's ``classes`` when reading a test split so that labels agree.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, classes: Sequence[str] | None = None) -> None:
+        self.root = Path(root)
+        self.split = split
+        annotations_dir = self.root / "Annotations"
+        images_dir = self.root / "JPEGImages"
+        sets_dir = self.root / "ImageSets" / "Main"
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: no such data folder")
+        for folder in (annotations_dir, images_dir, sets_dir):
+            if not folder.is_dir():
+                raise DataError(
+                    f"{folder}: missing folder (a VOC root holds Annotations/, JPEGImages/, ImageSets/Main/)"
+                )
+        split_file = sets_dir / f"{split}.txt"
+        if not split_file.is_file():
+            available = sorted(p.stem for p in sets_dir.glob("*.txt") if "_" not in p.stem)
+            raise DataError(f"{split_file}: no such split (available: {', '.join(available) or 'none'})")
+        self.ids: tuple[str, ...] = _read_split(split_file)
+
+        annotations = [_read_annotation(annotations_dir / f"{i}.xml", images_dir) for i in self.ids]
+        for ann in annotations:
+            if not ann.image_path.is_file():
+                raise DataError(f"{ann.xml_path}: image {ann.image_path} does not exist")
+
+        if classes is None:
+            classes = sorted({o.name for ann in annotations for o in ann.objects})
+            if not classes:
+                raise DataError(f"{split_file}: no objects in any annotation of this split, so no classes")
+        self.classes: tuple[str, ...] = tuple(classes)
+        if len(set(self.classes)) != len(self.classes) or not all(self.classes):
+            raise DataError(f"{self.root}: class names must be unique and non-empty, got {list(self.classes)}")
+        class_to_index = {name: i for i, name in enumerate(self.classes, start=1)}
+        self._samples = tuple(_to_sample(ann, class_to_index, i) for ann, i in zip(annotations, self.ids))
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self._samples[i]
+
+    def __repr__(self) -> str:
+        return f"VOCDataset({str(self.root)!r}, {self.split!r}, {len(self)} images, classes={self.classes})"
+
+    def load_image(self, sample: Sample) -> Image.Image:
+        """The sample's image in RGB; a :class:`DataError` naming the file if it is unreadable or its size
+        disagrees with the annotation."""
+        try:
+            with Image.open(sample.path) as im:
+                im.load()
+                image = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise DataError(f"{sample.path}: cannot read image ({type(e).__name__}: {e})") from None
+        if image.size != (sample.width, sample.height):
+            raise DataError(
+                f"{sample.path}: image is {image.width}x{image.height} but its annotation says "
+                f"{sample.width}x{sample.height}"
+            )
+        return image
+
+
+def _read_split(split_file: Path) -> tuple[str, ...]:
+    ids: list[str] = []
+    seen: set[str] = set()
+    for line_no, line in enumerate(split_file.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        image_id = fields[0]
+        if image_id in (".", "..") or Path(image_id).name != image_id:
+            raise DataError(f"{split_file}: line {line_no}: {image_id!r} is not a plain image id")
+        if image_id in seen:
+            raise DataError(f"{split_file}: line {line_no}: image id {image_id!r} is listed twice")
+        seen.add(image_id)
+        ids.append(image_id)
+    if not ids:
+        raise DataError(f"{split_file}: lists no image ids")
+    return tuple(ids)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _format(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+
+
+def write_voc_xml(
+    path: str | os.PathLike,
+    filename: str,
+    width: int,
+    height: int,
+    objects: Iterable[tuple[str, Sequence[float]] | tuple[str, Sequence[float], bool]],
+) -> None:
+    """Write a VOC annotation. ``objects`` are ``(name, box)`` or ``(name, box, difficult)`` with ``box``
+    **0-based inclusive** ``(x1, y1, x2, y2)`` (as in :class:`Sample`); the XML gets them 1-based."""
+    root = StdET.Element("annotation")
+    StdET.SubElement(root, "folder").text = "JPEGImages"
+    StdET.SubElement(root, "filename").text = filename
+    size = StdET.SubElement(root, "size")
+    StdET.SubElement(size, "width").text = str(int(width))
+    StdET.SubElement(size, "height").text = str(int(height))
+    StdET.SubElement(size, "depth").text = "3"
+    StdET.SubElement(root, "segmented").text = "0"
+    for obj in objects:
+        name, box = obj[0], obj[1]
+        difficult = bool(obj[2]) if len(obj) > 2 else False
+        node = StdET.SubElement(root, "object")
+        StdET.SubElement(node, "name").text = name
+        StdET.SubElement(node, "pose").text = "Unspecified"
+        StdET.SubElement(node, "truncated").text = "0"
+        StdET.SubElement(node, "difficult").text = "1" if difficult else "0"
+        bndbox = StdET.SubElement(node, "bndbox")
+        for tag, value in zip(_COORDS, box):
+            StdET.SubElement(bndbox, tag).text = _format(float(value) + 1.0)
+    StdET.indent(root, space="\t")
+    Path(path).write_bytes(StdET.tostring(root, encoding="utf-8", xml_declaration=False) + b"\n")
