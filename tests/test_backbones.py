@@ -152,9 +152,6 @@ def test_nested_state_dict_key_accepted(tmp_path):
     assert torch.equal(load_state_dict_file(path)["w"], torch.ones(2))
 
 
-@pytest.mark.xfail(strict=True, reason="load_state_dict(strict=False) still raises RuntimeError on a shape "
-                   "mismatch: a resnet50 fine-tuned with another number of classes (fc 10x2048) gives a raw "
-                   "RuntimeError instead of CheckpointError (and fc. is meant to be ignored)")
 def test_res50_with_other_fc_size_loads_or_raises_checkpoint_error(tmp_path, r50_state):
     state = dict(r50_state)
     state["fc.weight"], state["fc.bias"] = torch.zeros(10, 2048), torch.zeros(10)

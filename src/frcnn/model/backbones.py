@@ -60,8 +60,14 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
 
 
 def _load_into(model: nn.Module, path: str, ignore_prefixes: tuple[str, ...]) -> None:
-    state = load_state_dict_file(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Load a torchvision-style state dict; keys under ``ignore_prefixes`` (the classifier that the
+    detector replaces, e.g. ``fc.``) are skipped in the file and not expected from it."""
+    state = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith(ignore_prefixes)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not match: name the first one, in one line
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+        raise CheckpointError(f"PRETRAINED={path}: does not match {type(model).__name__} ({first})") from None
     missing = [k for k in missing if not k.startswith(ignore_prefixes)]
     if missing or unexpected:
         raise CheckpointError(

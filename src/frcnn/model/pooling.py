@@ -21,14 +21,19 @@ def crop_pool(features: Tensor, rois: Tensor, size: int, stride: int, max_pool: 
     """Crop pooling of ``rois`` (R, 5) from ``features`` (N, C, H, W): (R, C, size, size)."""
     n, c, h, w = features.shape
     r = rois.shape[0]
+    grid_size = size * 2 if max_pool else size
+    if r == 0:
+        return features.new_zeros((0, c, size, size))
     rois = rois.detach()
     x1, y1, x2, y2 = (rois[:, k] / stride for k in range(1, 5))
+    # grid_sample's coordinates run from -1 (first cell centre) to 1 (last): a span of (w - 1) cells.
+    # A map one cell wide has no span; any finite divisor then samples that one column.
+    sw, sh = max(w - 1, 1), max(h - 1, 1)
     theta = rois.new_zeros((r, 2, 3))
-    theta[:, 0, 0] = (x2 - x1) / (w - 1)
-    theta[:, 0, 2] = (x1 + x2 - w + 1) / (w - 1)
-    theta[:, 1, 1] = (y2 - y1) / (h - 1)
-    theta[:, 1, 2] = (y1 + y2 - h + 1) / (h - 1)
-    grid_size = size * 2 if max_pool else size
+    theta[:, 0, 0] = (x2 - x1) / sw
+    theta[:, 0, 2] = (x1 + x2 - w + 1) / sw
+    theta[:, 1, 1] = (y2 - y1) / sh
+    theta[:, 1, 2] = (y1 + y2 - h + 1) / sh
     grid = F.affine_grid(theta, [r, 1, grid_size, grid_size], align_corners=True)
     out = features.new_empty((r, c, grid_size, grid_size))
     batch_index = rois[:, 0].long()
