@@ -102,9 +102,6 @@ def test_nms_measures_iou_with_plus_one():
     assert rois.shape[0] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="float32 IoU 0.8f (0.80000001) is compared with the float64 threshold 0.8 "
-                   "inside torchvision.ops.nms, so an IoU exactly at the threshold is suppressed; the reference "
-                   "(float32 compare, keep ovr <= thresh) keeps it")
 def test_nms_keeps_float32_iou_exactly_at_threshold_08():
     boxes = torch.tensor([[0.0, 0, 9, 9], [0.0, 0, 7, 9]])  # IoU exactly 0.8 under +1
     rois, _ = _proposals(boxes, [0.9, 0.8], thresh=0.8)

@@ -97,6 +97,17 @@ def to_exclusive(boxes: Tensor) -> Tensor:
     return torch.cat((boxes[..., :2], boxes[..., 2:] + 1), dim=-1)
 
 
+def nms_threshold(thresh: float, dtype: torch.dtype) -> float:
+    """``thresh`` rounded to ``dtype``, for torchvision's ``nms``.
+
+    torchvision compares the IoU (computed in the boxes' dtype) with a double threshold, so a float32 IoU
+    of exactly 0.7 (0.69999999) or 0.8 (0.80000001) lands on the wrong side of 0.7 or 0.8. The reference
+    compares in float32 and keeps a box whose IoU equals the threshold; rounding the threshold to the
+    boxes' dtype does the same.
+    """
+    return float(torch.tensor(thresh, dtype=dtype))
+
+
 def scale_boxes(boxes: Tensor, factor: float | Tensor) -> Tensor:
     """Map boxes between original-image and network-input pixels (``factor`` = the resize scale).
 

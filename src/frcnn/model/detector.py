@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from frcnn.boxes import bbox_transform_inv, clip_boxes, to_exclusive
+from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive
 from frcnn.config import Config
 from frcnn.model.anchor_target import anchor_target_layer
 from frcnn.model.anchors import AnchorGenerator
@@ -133,7 +133,7 @@ class FasterRCNN(nn.Module):
             b, s, labels = b[keep], s[keep], labels[keep]
             if rec:
                 pre_nms.append({"boxes": b, "scores": s, "labels": labels})
-            kept = batched_nms(to_exclusive(b), s, labels, test.NMS)[: test.MAX_PER_IMAGE]
+            kept = batched_nms(to_exclusive(b), s, labels, nms_threshold(test.NMS, b.dtype))[: test.MAX_PER_IMAGE]
             results.append(Detections(b[kept], s[kept], labels[kept]))
         if trace is not None:
             trace.put("detections", pre_nms=pre_nms,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from frcnn.boxes import bbox_transform_inv, clip_boxes, to_exclusive
+from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive
 from frcnn.model.trace import Trace
 
 
@@ -65,8 +65,9 @@ def proposal_layer(
     top_scores, order = fg_scores.topk(k, dim=1)
     top_boxes = boxes.gather(1, order.unsqueeze(-1).expand(n, k, 4))
     rois, scores = [], []
+    thresh = nms_threshold(nms_thresh, top_boxes.dtype)
     for i in range(n):
-        keep = nms(to_exclusive(top_boxes[i]), top_scores[i], nms_thresh)
+        keep = nms(to_exclusive(top_boxes[i]), top_scores[i], thresh)
         if post_nms_top_n > 0:
             keep = keep[:post_nms_top_n]
         kept = top_boxes[i, keep]
