@@ -198,3 +198,15 @@ def test_presets_are_not_mutated_by_loading(tmp_path):
     load_config(str(path))
     load_config("demo-cpu", ["TRAIN.BATCH_SIZE=4"])
     assert repr(PRESETS) == before
+
+
+@pytest.mark.parametrize("override", ["TRAIN.LEARNING_RATE=.nan", "TRAIN.FG_FRACTION=.inf", "TEST.NMS=nan"])
+def test_non_finite_numbers_are_refused(override):
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("blocks", [-1, 4])
+def test_fixed_blocks_out_of_range_is_refused(blocks):
+    with pytest.raises(ConfigError, match="FIXED_BLOCKS"):
+        load_config(None, [f"RESNET.FIXED_BLOCKS={blocks}"])

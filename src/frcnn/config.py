@@ -11,6 +11,7 @@ Pixel order: frcnn reads images as RGB (Pillow), so ``PIXEL_MEANS`` is the refer
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -110,6 +111,8 @@ class Config:
             raise ConfigError("PIXEL_MEANS and PIXEL_STDS need 3 values (R, G, B)")
         if not 0 < self.TRAIN.FG_FRACTION <= 1 or not 0 < self.TRAIN.RPN_FG_FRACTION <= 1:
             raise ConfigError("TRAIN.FG_FRACTION and TRAIN.RPN_FG_FRACTION must lie in (0, 1]")
+        if not 0 <= self.RESNET.FIXED_BLOCKS <= 3:
+            raise ConfigError(f"RESNET.FIXED_BLOCKS={self.RESNET.FIXED_BLOCKS} must lie in 0..3")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -185,6 +188,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} expects a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} expects a finite number, got {value!r}")
         return float(value)
     if hint is int:
         if isinstance(value, float) and value.is_integer():

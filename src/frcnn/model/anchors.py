@@ -62,20 +62,20 @@ def shift_anchors(base_anchors: Tensor, feat_height: int, feat_width: int, strid
 
 
 class AnchorGenerator(torch.nn.Module):
-    """Caches the shifted anchors per feature-map size and device (they depend on nothing else)."""
+    """Caches the shifted anchors per feature-map size, device and dtype (they depend on nothing else)."""
 
     def __init__(self, scales: Sequence[float], ratios: Sequence[float], stride: int = 16, base_size: int = 16):
         super().__init__()
         self.stride = stride
         self.register_buffer("base_anchors", generate_anchors(base_size, ratios, scales), persistent=False)
-        self._cache: dict[tuple[int, int, torch.device], Tensor] = {}
+        self._cache: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}
 
     @property
     def num_anchors(self) -> int:
         return self.base_anchors.shape[0]
 
     def forward(self, feat_height: int, feat_width: int) -> Tensor:
-        key = (feat_height, feat_width, self.base_anchors.device)
+        key = (feat_height, feat_width, self.base_anchors.device, self.base_anchors.dtype)
         if key not in self._cache:
             self._cache[key] = shift_anchors(self.base_anchors, feat_height, feat_width, self.stride)
         return self._cache[key]
