@@ -24,14 +24,26 @@ DEMO_PRESET = "demo-cpu"
 NUM_TRAINVAL, NUM_TEST, NUM_DRAWN = 400, 100, 6
 
 
-def run_demo(out: Path, seed: int = 0, progress: bool = True, overrides: tuple[str, ...] = ()) -> dict:
+def run_demo(
+    out: Path,
+    seed: int = 0,
+    progress: bool = True,
+    overrides: tuple[str, ...] = (),
+    num_images: tuple[int, int] = (NUM_TRAINVAL, NUM_TEST),
+) -> dict:
+    """Run the four steps into ``out``; return the evaluation (also in ``out/metrics.json``).
+
+    ``overrides`` (``KEY=VALUE``) and ``num_images`` (trainval, test) exist for tests that need a
+    demo of seconds rather than minutes; the command line uses the defaults.
+    """
     out = Path(out)
+    num_trainval, num_test = num_images
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TrainingError(f"--out {out} is not empty; the demo writes into a new folder")
     started = time.perf_counter()
     cfg = load_config(DEMO_PRESET, (f"RNG_SEED={seed}", *overrides))
-    print(f"[1/4] generating {NUM_TRAINVAL} + {NUM_TEST} synthetic images in {out / 'data'}")
-    make_shapes_dataset(out / "data", num_trainval=NUM_TRAINVAL, num_test=NUM_TEST, seed=seed, progress=progress)
+    print(f"[1/4] generating {num_trainval} + {num_test} synthetic images in {out / 'data'}")
+    make_shapes_dataset(out / "data", num_trainval=num_trainval, num_test=num_test, seed=seed, progress=progress)
     trainval = VOCDataset(out / "data", "trainval")
     test = VOCDataset(out / "data", "test", classes=trainval.classes)
     print(f"[2/4] training {DEMO_PRESET} for {cfg.TRAIN.MAX_ITERS} iterations on {len(trainval)} images "
