@@ -41,7 +41,7 @@ from PIL import Image
 from frcnn.data.sample import Sample
 from frcnn.errors import DataError
 
-__all__ = ["COCODataset", "boxes_to_coco", "is_coco_json"]
+__all__ = ["COCODataset", "boxes_to_coco", "is_coco_json", "read_json"]
 
 
 def is_coco_json(path: str | os.PathLike) -> bool:
@@ -79,14 +79,19 @@ def _resolve_image(images_dir: Path, file_name: str, where: str) -> Path:
     return Path(target)
 
 
-def _load_json(json_path: Path) -> dict:
+def read_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON file, or a one-line :class:`DataError` naming it (unreadable, not JSON)."""
     try:
-        with open(json_path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
     except OSError as e:
-        raise DataError(f"{json_path}: cannot read ({e.strerror or e})") from None
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{json_path}: not valid JSON ({e})") from None
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+
+
+def _load_json(json_path: Path) -> dict:
+    data = read_json(json_path)
     if not isinstance(data, dict):
         raise DataError(f"{json_path}: a COCO annotation file is a JSON object, got {type(data).__name__}")
     for key in ("images", "categories"):
@@ -265,8 +270,16 @@ class COCODataset:
         return f"COCODataset({str(self.json_path)!r}, {len(self)} images, classes={self.classes})"
 
     def load_image(self, sample: Sample) -> Image.Image:
-        """The sample's image in RGB; a :class:`DataError` naming the file if it is unreadable or its size
-        disagrees with the annotation. (The same checks as VOC images: one loader for both formats.)"""
-        from frcnn.data.voc import VOCDataset
+        """The sample's image in RGB; a one-line :class:`DataError` naming the file if it is unreadable, over
+        the pixel limit of :mod:`frcnn.data.images`, or its size disagrees with the annotation."""
+        try:
+            from frcnn.data.images import open_image
+        except ImportError:  # the shared loader is not there yet: read as VOC images are read
+            from frcnn.data.voc import VOCDataset
 
-        return VOCDataset.load_image(self, sample)  # type: ignore[arg-type]
+            return VOCDataset.load_image(self, sample)  # type: ignore[arg-type]
+        image = open_image(sample.path)
+        if image.size != (sample.width, sample.height):
+            raise DataError(f"{sample.path}: image is {image.width}x{image.height} but {self.json_path.name} "
+                            f"says {sample.width}x{sample.height}")
+        return image

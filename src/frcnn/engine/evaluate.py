@@ -1,22 +1,64 @@
-"""Run a predictor over a data set and score it with the reference VOC AP (see :mod:`frcnn.engine.voc_eval`).
+"""Run a predictor over a data set and score it: the reference VOC AP (:mod:`frcnn.engine.voc_eval`, 11-point
+and area) on any data, and pycocotools' box metrics (:mod:`frcnn.engine.coco_eval`) on COCO data.
 
 Detections are kept down to ``TEST.SCORE_THRESH`` (0 in the reference), at most ``TEST.MAX_PER_IMAGE``
 per image, as the reference ``test_net`` does before ``voc_eval``.
+
+The result of :func:`score_detections` (printed by ``frcnn eval --json``, written as ``metrics.json`` by
+:func:`write_eval_outputs`, and as ``<run>/eval/metrics.json`` by evaluation during training) is one JSON
+object::
+
+    {
+      "map": float,                  # the selected metric's mean AP (COCO: AP@[.50:.95])
+      "metric": "voc07" | "voc2010" | "coco",   # the selected metric ("all" selects coco on COCO data,
+                                                #  else voc07)
+      "per_class": {name: float | null},        # the selected metric's AP per class; null: no gt of the class
+      "num_images": int,
+      "npos": {name: int},           # gt boxes per class that count (not difficult / not crowd)
+      "metrics": {                   # every metric that applies to the data, selected or not
+        "voc07":   {"map": float, "per_class": {name: float | null}},   # 11-point AP, IoU > 0.5
+        "voc2010": {"map": float, "per_class": {name: float | null}},   # area AP, IoU > 0.5
+        "coco": {                                                       # COCO data only
+          "map": float, "per_class": {name: float | null}, "per_class_ap50": {name: float | null},
+          "stats": {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"}
+        }                                                               # stats: -1 where undefined
+      }
+    }
+
+Evaluation during training adds ``"iteration": int`` and ``"split": str``. VOC means are over classes with
+ground truth; COCO numbers are pycocotools' own. :func:`write_eval_outputs` also writes ``pr_curves.png``
+(precision-recall per class at IoU > 0.5) and ``confusion.json`` / ``confusion.txt``
+(:mod:`frcnn.engine.confusion`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 from frcnn.engine.batches import DetectionDataset
 from frcnn.engine.inference import Predictor
-from frcnn.engine.voc_eval import eval_class
+from frcnn.engine.voc_eval import eval_class, voc_ap
+from frcnn.errors import DataError
 from frcnn.model.detector import Detections
 
 METRICS = {"voc07": True, "voc2010": False}  # name -> use_07_metric
+METRIC_CHOICES = ("voc07", "voc2010", "coco", "all")
+OUTPUT_FILES = ("metrics.json", "pr_curves.png", "confusion.json", "confusion.txt")
+
+
+def is_coco(dataset: DetectionDataset) -> bool:
+    return hasattr(dataset, "coco") and hasattr(dataset, "category_ids")
+
+
+def default_metric(dataset: DetectionDataset) -> str:
+    """``coco`` on COCO data, else ``voc07``."""
+    return "coco" if is_coco(dataset) else "voc07"
 
 
 def collect_detections(predictor: Predictor, dataset: DetectionDataset, progress: bool = True) -> list[Detections]:
@@ -28,37 +70,99 @@ def collect_detections(predictor: Predictor, dataset: DetectionDataset, progress
     return out
 
 
-def score_detections(
-    dataset: DetectionDataset, detections: list[Detections], metric: str = "voc07"
-) -> dict:
-    """Per-class AP and their mean over classes that have at least one non-difficult gt box."""
-    use_07 = METRICS[metric]
+def voc_class_results(dataset: DetectionDataset, detections: list[Detections]) -> dict[str, dict[str, Any]]:
+    """:func:`~frcnn.engine.voc_eval.eval_class` (11-point) of every class: ``{name: {"ap", "rec", "prec",
+    "npos", "tp", "fp"}}``. Difficult boxes (crowd boxes on COCO data) are neither matched nor missed."""
+    if len(detections) != len(dataset):
+        raise ValueError(f"{len(detections)} detection sets for {len(dataset)} images")
     samples = [dataset[i] for i in range(len(dataset))]
-    per_class: dict[str, float | None] = {}
+    out = {}
     for k, name in enumerate(dataset.classes, start=1):
         gts = {s.image_id: (s.boxes[s.labels == k], s.difficult[s.labels == k]) for s in samples}
-        ids, scores, boxes = [], [], []
+        ids, scores, boxes = [], [torch.zeros(0)], [torch.zeros(0, 4)]
         for s, d in zip(samples, detections):
             sel = d.labels == k
             ids += [s.image_id] * int(sel.sum())
-            scores.append(d.scores[sel])
-            boxes.append(d.boxes[sel])
-        res = eval_class((ids, torch.cat(scores), torch.cat(boxes)), gts, iou_thresh=0.5, use_07_metric=use_07)
-        per_class[name] = None if res["npos"] == 0 else float(res["ap"])
+            scores.append(d.scores[sel].float())
+            boxes.append(d.boxes[sel].float())
+        out[name] = eval_class((ids, torch.cat(scores), torch.cat(boxes)), gts, iou_thresh=0.5, use_07_metric=True)
+    return out
+
+
+def _mean(per_class: dict[str, float | None]) -> float:
     valid = [ap for ap in per_class.values() if ap is not None and not math.isnan(ap)]
-    return {"map": sum(valid) / len(valid) if valid else 0.0, "metric": metric, "per_class": per_class,
-            "num_images": len(samples)}
+    return sum(valid) / len(valid) if valid else 0.0
 
 
-def evaluate(predictor: Predictor, dataset: DetectionDataset, metric: str = "voc07", progress: bool = True) -> dict:
+def score_detections(dataset: DetectionDataset, detections: list[Detections], metric: str | None = "voc07") -> dict:
+    """Every metric that applies to ``dataset`` (see the module docstring for the result), ``metric``
+    (``voc07``, ``voc2010``, ``coco``, ``all``; None: :func:`default_metric`) selecting ``map``/``per_class``."""
+    metric = default_metric(dataset) if metric in (None, "all") else metric
+    if metric not in METRICS and metric != "coco":
+        raise DataError(f"unknown metric {metric!r} (choose from {', '.join(METRIC_CHOICES)})")
+    if metric == "coco" and not is_coco(dataset):
+        raise DataError("the coco metric needs COCO data (an annotation JSON); use voc07 or voc2010 here")
+    results = voc_class_results(dataset, detections)
+    metrics: dict[str, dict] = {}
+    for name, use_07 in METRICS.items():
+        per_class = {c: None if r["npos"] == 0 else voc_ap(r["rec"], r["prec"], use_07) for c, r in results.items()}
+        metrics[name] = {"map": _mean(per_class), "per_class": per_class}
+    if is_coco(dataset):
+        from frcnn.engine.coco_eval import coco_evaluate
+
+        coco = coco_evaluate(dataset, detections)
+        coco.pop("metric")
+        metrics["coco"] = coco
+    selected = metrics[metric]
+    return {"map": selected["map"], "metric": metric, "per_class": selected["per_class"],
+            "num_images": len(dataset), "npos": {c: r["npos"] for c, r in results.items()}, "metrics": metrics}
+
+
+def evaluate(predictor: Predictor, dataset: DetectionDataset, metric: str | None = "voc07",
+             progress: bool = True) -> dict:
     return score_detections(dataset, collect_detections(predictor, dataset, progress), metric)
+
+
+def write_eval_outputs(folder: str | Path, dataset: DetectionDataset, detections: list[Detections], result: dict,
+                       score_thresh: float = 0.5) -> list[Path]:
+    """Write :data:`OUTPUT_FILES` into ``folder`` (created; existing files replaced): ``metrics.json`` (the
+    result), ``pr_curves.png``, ``confusion.json`` and ``confusion.txt`` (detections with score >=
+    ``score_thresh``). Returns the paths written."""
+    from frcnn.engine.confusion import confusion_summary, format_confusion
+    from frcnn.viz.pr_curves import save_pr_curves
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in OUTPUT_FILES]
+    _write_text(paths[0], json.dumps(result, indent=2) + "\n")
+    curves = voc_class_results(dataset, detections)
+    for r in curves.values():
+        r["ap"] = None if r["npos"] == 0 else voc_ap(r["rec"], r["prec"], False)
+    tmp = paths[1].with_name(paths[1].name + ".tmp")
+    save_pr_curves(tmp, curves, title=f"precision-recall, IoU > 0.5, AP = area (VOC2010+), {len(dataset)} images")
+    tmp.replace(paths[1])
+    summary = confusion_summary(dataset, detections, score_thresh=score_thresh)
+    _write_text(paths[2], json.dumps(summary, indent=2) + "\n")
+    _write_text(paths[3], format_confusion(summary) + "\n")
+    return paths
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def format_table(result: dict) -> str:
     names = list(result["per_class"])
     width = max([len(n) for n in names] + [5])
-    lines = [f"{'class':<{width}}  AP ({result['metric']})", "-" * (width + 12)]
+    label = {"coco": "AP@[.50:.95] (coco)"}.get(result["metric"], f"AP ({result['metric']})")
+    lines = [f"{'class':<{width}}  {label}", "-" * (width + 22)]
     for name, ap in result["per_class"].items():
         lines.append(f"{name:<{width}}  {'n/a (no gt)' if ap is None else f'{ap:.4f}'}")
-    lines += ["-" * (width + 12), f"{'mAP':<{width}}  {result['map']:.4f}"]
+    lines += ["-" * (width + 22), f"{'mAP':<{width}}  {result['map']:.4f}"]
+    stats = result.get("metrics", {}).get("coco", {}).get("stats")
+    if result["metric"] == "coco" and stats:
+        lines.append("")
+        lines += [f"{name:<6} {value:.4f}" if value >= 0 else f"{name:<6} n/a" for name, value in stats.items()]
     return "\n".join(lines)

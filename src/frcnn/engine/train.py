@@ -4,6 +4,15 @@ The learning rate follows the reference schedule (``LEARNING_RATE`` times ``GAMM
 ``STEPSIZE``), with an optional linear warm-up; biases get twice the rate and no weight decay when
 ``DOUBLE_BIAS`` (and not ``BIAS_DECAY``). Every ``SNAPSHOT_ITERS`` a snapshot is written; every
 ``DISPLAY`` iterations one JSON line of mean losses, learning rate and timing goes to ``metrics.jsonl``.
+
+Evaluation during training (``val_dataset``, ``eval_every``): every ``eval_every`` iterations and after the
+last one, the model is scored on the held-out images (:func:`validate`) and one line ``{"iteration",
+"val_map", "val_metric", "val_rpn_cls", "val_rpn_box", "val_rcnn_cls", "val_rcnn_box", "val_total",
+"val_images", "val_time"}`` goes to ``metrics.jsonl`` (the ``val_`` prefix keeps these lines apart from the
+training lines); the full result (see :mod:`frcnn.engine.evaluate`) and its PR curves, confusion summary
+go to ``<out>/eval/``. Validation changes nothing in training: no gradient, BatchNorm statistics and
+dropout frozen, its sampling seeded on its own and the global RNG state restored, so weights after N
+iterations are the same with and without it.
 """
 
 from __future__ import annotations
@@ -12,13 +21,15 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from frcnn.boxes import scale_boxes
 from frcnn.config import Config, TrainConfig, dump_yaml, resolve_device
-from frcnn.engine.batches import DetectionDataset, TrainBatches
+from frcnn.engine.batches import DetectionDataset, TrainBatches, iteration_seed
 from frcnn.engine.checkpoint import (
     CONFIG,
     META,
@@ -30,6 +41,7 @@ from frcnn.engine.checkpoint import (
 )
 from frcnn.errors import FrcnnError
 from frcnn.model.detector import FasterRCNN
+from frcnn.transforms import image_to_tensor, prep_image
 
 LOSS_KEYS = ("rpn_cls", "rpn_box", "rcnn_cls", "rcnn_box")
 METRICS = "metrics.jsonl"
@@ -87,9 +99,17 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_log: Callable[[dict], None] | None = None,
+    val_dataset: DetectionDataset | None = None,
+    eval_every: int = 0,
 ) -> FasterRCNN:
-    """Train a detector on ``dataset`` into the folder ``out``; returns the trained model."""
+    """Train a detector on ``dataset`` into the folder ``out``; returns the trained model.
+
+    With ``val_dataset`` (same classes as ``dataset``) and ``eval_every > 0``, validate every ``eval_every``
+    iterations and after the last (see the module docstring)."""
     out = Path(out)
+    if val_dataset is not None and tuple(val_dataset.classes) != tuple(dataset.classes):
+        raise TrainingError(f"the validation data has classes {list(val_dataset.classes)}, "
+                            f"the training data {list(dataset.classes)}")
     snapshot = _prepare_out(out, resume)
     device = resolve_device(cfg)
     torch.manual_seed(cfg.RNG_SEED)
@@ -159,8 +179,81 @@ def train(
                 _publish(snap, out)
                 prune_snapshots(out / "snapshots", train_cfg.SNAPSHOT_KEPT)
                 last_snapshot = str(snap)
+            if val_dataset is not None and eval_every > 0 and (done % eval_every == 0
+                                                               or done == train_cfg.MAX_ITERS):
+                record = validate(model, cfg, classes, val_dataset, out / "eval", done)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if on_log is not None:
+                    on_log(record)
     bar.close()
     return model.eval()
+
+
+@contextmanager
+def _frozen(model: torch.nn.Module):
+    """Train-mode forward (training losses, TRAIN proposal settings) with BatchNorm and dropout in eval mode,
+    no gradient, and the global RNG state restored afterwards; the modules' modes are restored too."""
+    modes = {m: m.training for m in model.modules()}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.train()
+            for m in model.modules():
+                if isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd)):
+                    m.eval()
+            yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def validation_losses(model: FasterRCNN, cfg: Config, dataset: DetectionDataset) -> dict[str, float]:
+    """Mean training losses over ``dataset`` (one image at a time, ``TEST.SCALES[0]``, no flip, difficult and
+    crowd boxes left out as in training) without changing the model: see :func:`_frozen`. The anchor and RoI
+    sampling of image ``i`` is seeded by ``(RNG_SEED, i)``, so the numbers are reproducible."""
+    device = next(model.parameters()).device
+    sums = {k: 0.0 for k in LOSS_KEYS}
+    with _frozen(model):
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            prepared = prep_image(image_to_tensor(dataset.load_image(sample)), cfg.TEST.SCALES[0], cfg.TEST.MAX_SIZE,
+                                  cfg.PIXEL_MEANS, cfg.PIXEL_STDS)
+            keep = ~sample.difficult
+            boxes = scale_boxes(sample.boxes[keep], prepared.scale)
+            size = torch.tensor([list(prepared.tensor.shape[-2:])])
+            generator = torch.Generator().manual_seed(iteration_seed(cfg.RNG_SEED, -(1 << 40) - i))
+            losses = model(prepared.tensor[None].to(device), size.to(device), [boxes.to(device)],
+                           [sample.labels[keep].to(device)], generator=generator)
+            for k in LOSS_KEYS:
+                sums[k] += float(losses[k])
+    n = max(1, len(dataset))
+    return {k: v / n for k, v in sums.items()}
+
+
+def validate(model: FasterRCNN, cfg: Config, classes: tuple[str, ...], dataset: DetectionDataset, folder: Path,
+             iteration: int) -> dict:
+    """Score ``model`` on ``dataset`` (mAP of the data's default metric and the validation losses) without
+    changing it; write the evaluation into ``folder``; return the ``metrics.jsonl`` record."""
+    from frcnn.engine.evaluate import collect_detections, score_detections, write_eval_outputs
+    from frcnn.engine.inference import Predictor
+
+    started = time.perf_counter()
+    losses = validation_losses(model, cfg, dataset)
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.random.fork_rng(devices=[]):
+            detections = collect_detections(Predictor(model, cfg, classes), dataset, progress=False)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    result = score_detections(dataset, detections, metric=None)
+    result.update(iteration=iteration, split=getattr(dataset, "split", None))
+    write_eval_outputs(folder, dataset, detections, result)
+    record = {"iteration": iteration, "val_map": result["map"], "val_metric": result["metric"],
+              **{f"val_{k}": v for k, v in losses.items()}}
+    record.update(val_total=sum(losses.values()), val_images=len(dataset), val_time=time.perf_counter() - started)
+    return record
 
 
 def _trim_metrics(path: Path, iteration: int) -> None:

@@ -1,0 +1,72 @@
+"""Evaluation during training: logs mAP and validation losses, writes eval/, and changes nothing in training."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from test_overfit import TinySet
+
+from frcnn.config import load_config
+from frcnn.engine.train import train, validation_losses
+from frcnn.model.detector import FasterRCNN
+
+FAST = ["TRAIN.SCALES=[96]", "TEST.SCALES=[96]", "TRAIN.DISPLAY=2", "DEVICE=cpu", "TRAIN.LEARNING_RATE=0.01",
+        "TRAIN.MAX_ITERS=4", "TRAIN.SNAPSHOT_ITERS=4"]
+
+
+def _cfg(*extra: str):
+    return load_config("demo-cpu", FAST + list(extra))
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_validation_logs_map_and_losses_and_does_not_change_training(tmp_path):
+    data = TinySet()
+    train(_cfg(), data, tmp_path / "plain", progress=False)
+    train(_cfg(), data, tmp_path / "val", progress=False, val_dataset=TinySet(), eval_every=2)
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    val = load_file(str(tmp_path / "val" / "model.safetensors"))
+    assert plain.keys() == val.keys()
+    for k in plain:  # every weight and every BatchNorm statistic is bit-identical
+        assert torch.equal(plain[k], val[k]), k
+
+    records = _records(tmp_path / "val" / "metrics.jsonl")
+    vals = [r for r in records if "val_map" in r]
+    assert [r["iteration"] for r in vals] == [2, 4]
+    for r in vals:
+        assert r["val_metric"] == "voc07" and 0.0 <= r["val_map"] <= 1.0 and r["val_images"] == 4
+        for k in ("val_rpn_cls", "val_rpn_box", "val_rcnn_cls", "val_rcnn_box"):
+            assert r[k] >= 0.0 and r[k] == r[k]
+        assert abs(r["val_total"] - sum(r[k] for k in ("val_rpn_cls", "val_rpn_box", "val_rcnn_cls",
+                                                       "val_rcnn_box"))) < 1e-9
+    # training lines are the same as without validation (apart from timing)
+    train_lines = [r for r in records if "val_map" not in r]
+    plain_lines = _records(tmp_path / "plain" / "metrics.jsonl")
+    strip = ("time", "elapsed")
+    assert [{k: v for k, v in r.items() if k not in strip} for r in train_lines] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in plain_lines]
+
+    result = json.loads((tmp_path / "val" / "eval" / "metrics.json").read_text())
+    assert result["iteration"] == 4 and result["map"] == vals[-1]["val_map"]
+    assert set(result["metrics"]) == {"voc07", "voc2010"}
+    assert (tmp_path / "val" / "eval" / "pr_curves.png").stat().st_size > 0
+
+
+def test_validation_losses_leave_the_model_as_it_was():
+    torch.manual_seed(0)
+    cfg = _cfg()
+    model = FasterRCNN(cfg, 2).train()
+    # let BatchNorm have non-trivial statistics
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    a = validation_losses(model, cfg, TinySet())
+    b = validation_losses(model, cfg, TinySet())
+    assert a == b  # seeded on its own
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training and all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
