@@ -41,7 +41,7 @@ from PIL import Image
 from frcnn.data.sample import Sample
 from frcnn.errors import DataError
 
-__all__ = ["COCODataset", "boxes_to_coco", "is_coco_json", "read_json"]
+__all__ = ["COCODataset", "boxes_to_coco", "is_coco_json", "read_json", "write_coco_json"]
 
 
 def is_coco_json(path: str | os.PathLike) -> bool:
@@ -283,3 +283,30 @@ class COCODataset:
             raise DataError(f"{sample.path}: image is {image.width}x{image.height} but {self.json_path.name} "
                             f"says {sample.width}x{sample.height}")
         return image
+
+
+def write_coco_json(path: str | os.PathLike, dataset, images_dir: str | os.PathLike | None = None,
+                    category_ids: Sequence[int] | None = None) -> Path:
+    """Write ``dataset`` (any data set: classes, samples) as a COCO annotation JSON at ``path``.
+
+    ``file_name`` is each image's path relative to ``images_dir`` (default: the JSON's folder; an image outside
+    it is refused); image ids are 1, 2, ... in data set order; ``category_ids[i]`` is class ``i``'s id
+    (default 1..K); a difficult box is written with ``iscrowd: 1``. Boxes go from the +1 convention to
+    ``[x, y, w, h]`` (:func:`boxes_to_coco`), so reading the file back gives the same boxes."""
+    path = Path(path)
+    base = Path(os.path.abspath(images_dir if images_dir is not None else path.parent))
+    ids = list(category_ids) if category_ids is not None else list(range(1, len(dataset.classes) + 1))
+    images, annotations = [], []
+    for i in range(len(dataset)):
+        s = dataset[i]
+        try:
+            file_name = Path(os.path.abspath(s.path)).relative_to(base).as_posix()
+        except ValueError:
+            raise DataError(f"{s.path}: image is not inside {base}") from None
+        images.append({"id": i + 1, "file_name": file_name, "width": s.width, "height": s.height})
+        for box, label, crowd in zip(boxes_to_coco(s.boxes), s.labels.tolist(), s.difficult.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": ids[label - 1],
+                                "bbox": box, "area": box[2] * box[3], "iscrowd": int(crowd)})
+    categories = [{"id": cid, "name": name} for cid, name in zip(ids, dataset.classes)]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
