@@ -23,6 +23,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config key, e.g. --set TRAIN.RPN_BATCHSIZE=128 (repeatable)")
 
 
+def _add_data_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--data", required=True, type=Path, metavar="PATH",
+                   help="a PASCAL VOC root (Annotations/, JPEGImages/, ImageSets/Main/) or a COCO annotation JSON")
+    p.add_argument("--split", help=f"VOC: the image set to {what} (ImageSets/Main/<split>.txt), required; "
+                                   "COCO: optional, names another JSON next to --data")
+    p.add_argument("--images", type=Path, metavar="DIR",
+                   help="COCO: folder the file_names are relative to (default: the JSON's folder)")
+    p.add_argument("--classes", metavar="A,B,C_OR_FILE",
+                   help="class list (comma-separated or a file, one a line): fixes the label order and drops "
+                        "boxes of other classes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frcnn", description="Faster R-CNN: train, evaluate, detect, explain.")
     parser.add_argument("--version", action="version", version=f"frcnn {__version__}")
@@ -46,14 +58,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a VOC split (per-class AP and mAP)",
-                       description="Evaluate a checkpoint with the reference VOC AP (IoU > 0.5, +1 pixel convention).")
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (a training run's --out)")
-    p.add_argument("--data", required=True, type=Path, help="VOC root")
-    p.add_argument("--split", required=True, help="image set to evaluate, e.g. test")
-    p.add_argument("--metric", choices=("voc07", "voc2010"), default="voc07",
-                   help="voc07: 11-point AP (default); voc2010: area under the PR curve")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p = sub.add_parser("eval", help="evaluate a checkpoint or detections on VOC or COCO data (per-class AP, mAP)",
+                       description="Evaluate a checkpoint (or detections made elsewhere) with the reference VOC AP "
+                                   "(IoU > 0.5, +1 pixel convention) and, on COCO data, pycocotools' COCOeval.")
+    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (a training run's --out)")
+    _add_data_args(p, "evaluate, e.g. test")
+    p.add_argument("--detections", type=Path, metavar="FILE",
+                   help="evaluate these detections instead of running a checkpoint: a COCO results JSON, or the "
+                        "reference VOC results files comp4_det_<split>_<class>.txt (their folder or one of them)")
+    p.add_argument("--metric", choices=("voc07", "voc2010", "coco", "all"), default=None,
+                   help="voc07: 11-point AP; voc2010: area under the PR curve; coco: pycocotools AP@[.50:.95] "
+                        "(COCO data); all: every metric (default: coco on COCO data, else voc07)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (every metric) instead of a table")
+    p.add_argument("--write-detections", type=Path, metavar="DIR",
+                   help="also write the detections as detections.json (COCO results) and comp4 files into DIR")
+    p.add_argument("--plots", type=Path, metavar="DIR",
+                   help="also write metrics.json, pr_curves.png and a confusion summary (confusion.json/.txt) "
+                        "into DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -85,18 +106,57 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from frcnn.data.voc import VOCDataset
-    from frcnn.engine.evaluate import evaluate, format_table
-    from frcnn.engine.inference import Predictor
+def _open_data(args: argparse.Namespace, split: str | None, classes: Sequence[str] | None = None):
+    from frcnn.data import open_dataset, parse_classes
 
-    predictor = Predictor.from_checkpoint(args.checkpoint)
-    dataset = VOCDataset(args.data, args.split, classes=predictor.class_names)
-    result = evaluate(predictor, dataset, metric=args.metric, progress=not (args.no_progress or args.json))
+    if classes is None and args.classes:
+        classes = parse_classes(args.classes)
+    return open_dataset(args.data, split, classes=classes, images=args.images)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from frcnn.engine import evaluate as ev
+    from frcnn.engine.inference import Predictor
+    from frcnn.engine.results_io import comp4_name, read_detections, write_coco_results, write_comp4
+    from frcnn.errors import ConfigError, DataError
+
+    if (args.checkpoint is None) == (args.detections is None):
+        raise ConfigError("give either --checkpoint (run a model) or --detections FILE (evaluate its detections)")
+    if args.checkpoint is not None and args.classes:
+        raise ConfigError("--classes is for --detections: a checkpoint has its own classes")
+    predictor = Predictor.from_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    dataset = _open_data(args, args.split, predictor.class_names if predictor else None)
+    if args.metric == "coco" and not ev.is_coco(dataset):
+        raise DataError(f"--metric coco needs COCO data (an annotation JSON); {args.data} is VOC: use voc07 or voc2010")
+    split = args.split or args.data.stem
+    planned = []
+    if args.write_detections is not None:
+        planned += [args.write_detections / "detections.json",
+                    *(args.write_detections / comp4_name(split, c) for c in dataset.classes)]
+    if args.plots is not None:
+        planned += [args.plots / name for name in ev.OUTPUT_FILES]
+    existing = [str(p) for p in planned if p.exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise DataError(f"{existing[0]} exists{more}; eval never overwrites: choose another folder")
+    if predictor is not None:
+        detections = ev.collect_detections(predictor, dataset, progress=not (args.no_progress or args.json))
+    else:
+        detections = read_detections(args.detections, dataset)
+    result = ev.score_detections(dataset, detections, args.metric)
+    written = []
+    if args.write_detections is not None:
+        args.write_detections.mkdir(parents=True, exist_ok=True)
+        written.append(write_coco_results(args.write_detections / "detections.json", dataset, detections))
+        written += write_comp4(args.write_detections, split, dataset, detections)
+    if args.plots is not None:
+        written += ev.write_eval_outputs(args.plots, dataset, detections, result)
     if args.json:
         print(json.dumps(result))
     else:
-        print(format_table(result))
+        print(ev.format_table(result))
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
