@@ -68,6 +68,9 @@ def anchor_target_layer(
             else:
                 bg = bg & ~fg
             targets[i] = bbox_transform(anchors, gt[argmax])
+        if trace is not None:  # the labels before sampling: fg / bg candidates (the rest inside: don't care)
+            record.setdefault("fg_candidates", []).append(fg)
+            record.setdefault("bg_candidates", []).append(bg)
         num_fg = int(cfg.RPN_FG_FRACTION * cfg.RPN_BATCHSIZE)
         fg = subsample(fg, num_fg, generator)
         bg = subsample(bg, cfg.RPN_BATCHSIZE - int(fg.sum()), generator)
@@ -82,5 +85,5 @@ def anchor_target_layer(
     if trace is not None:
         trace.put("anchor_target", labels=labels, **{k: torch.stack(v) for k, v in record.items()},
                   positive_overlap=cfg.RPN_POSITIVE_OVERLAP, negative_overlap=cfg.RPN_NEGATIVE_OVERLAP,
-                  batch_size=cfg.RPN_BATCHSIZE)
+                  batch_size=cfg.RPN_BATCHSIZE, fg_fraction=cfg.RPN_FG_FRACTION)
     return labels, targets

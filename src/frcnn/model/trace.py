@@ -10,7 +10,8 @@ result under its own name; pass nothing and no layer does any extra work (each r
 ``proposal_layer``     per image: pre_nms_boxes / pre_nms_scores (top RPN_PRE_NMS_TOP_N), and the kept
                        rois (R, 5) ``[batch_index, x1, y1, x2, y2]`` with scores (R,)
 ``anchor_target``      labels (N, M) 1 fg / 0 bg / -1 don't care after sampling, type_a / type_b (N, M)
-                       masks before sampling, inside (N, M) mask, max_overlaps (N, M)
+                       masks before sampling, inside (N, M) mask, max_overlaps (N, M), fg_candidates /
+                       bg_candidates (N, M) the fg / bg labels before sampling
 ``proposal_target``    rois (S, 5), labels (S,), gt_assignment (S,), max_overlaps (S,)
 ``roi_pooling``        rois (R, 5) that were pooled, crops (R, C, P, P)
 ``classification``     cls_prob (R, K+1), boxes (R, 4(K+1)) class-specific refined boxes
