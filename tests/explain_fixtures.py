@@ -50,6 +50,6 @@ def voc_folder(root: Path) -> Path:
     return path
 
 
-def checkpoint(folder: Path) -> Path:
-    save_checkpoint(folder, model(), config(), CLASSES, iteration=0)
+def checkpoint(folder: Path, iteration: int = 0) -> Path:
+    save_checkpoint(folder, model(), config(), CLASSES, iteration=iteration)
     return folder

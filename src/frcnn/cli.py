@@ -85,6 +85,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for the results (existing files are kept)")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score to report (default 0.5)")
     p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("explain", help="one image through every stage of the detector, as an HTML page of pictures",
+                       description="Run a checkpoint on one image with a trace and write DIR/index.html (opens from "
+                                   "disk, no network) with one PNG per stage: pre-processing, anchors, RPN, proposal "
+                                   "layer, target layers (with ground truth), RoI pooling, classification, per-class "
+                                   "NMS, final detections, time per stage.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder")
+    p.add_argument("image", type=Path, metavar="IMAGE")
+    p.add_argument("--gt", type=Path, metavar="ANNOTATION",
+                   help="VOC XML of the image (default: its annotation when IMAGE is in a VOC folder's JPEGImages/)")
+    p.add_argument("--out", required=True, type=Path, help="folder for the page (must be new or empty)")
+    p.add_argument("--json", action="store_true", help="also write the numbers of every stage to DIR/explain.json")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum score of the detections shown (default 0.5)")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("report", help="an HTML page of a training run: losses, learning rate, AP, detections",
+                       description="Write RUN_DIR/report/index.html (or --out): loss curves and learning rate from "
+                                   "metrics.jsonl and, with --data, mAP per kept snapshot, per-class AP and "
+                                   "precision-recall curves of the latest one, and a few test images with detections. "
+                                   "Works on a run that is still going; re-running replaces the report it wrote.")
+    p.add_argument("run", type=Path, metavar="RUN_DIR", help="a training run's --out folder")
+    p.add_argument("--data", type=Path, help="VOC root to evaluate on (optional)")
+    p.add_argument("--split", default="test", help="image set of --data to evaluate (default test)")
+    p.add_argument("--out", type=Path, help="folder for the page (default RUN_DIR/report)")
+    p.add_argument("--images", type=int, default=4, help="test images drawn with detections (default 4)")
+    p.add_argument("--threshold", type=float, default=0.5, help="minimum score of the detections drawn")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
@@ -185,6 +213,31 @@ def cmd_detect(args: argparse.Namespace) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint)
     for written in detect_files(predictor, files, args.out, args.threshold):
         print(written)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from frcnn.engine.checkpoint import load_model
+    from frcnn.explain import explain_image
+
+    if not 0.0 <= args.threshold <= 1.0:
+        from frcnn.errors import DataError
+
+        raise DataError(f"--threshold {args.threshold}: must lie in [0, 1]")
+    model, ckpt = load_model(args.checkpoint)
+    index = explain_image(model, ckpt.cfg, ckpt.class_names, args.image, args.out, gt_path=args.gt,
+                          threshold=args.threshold, write_json=args.json, checkpoint=str(args.checkpoint))
+    print(index)
+    if args.json:
+        print(index.parent / "explain.json")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from frcnn.explain.report import write_report
+
+    print(write_report(args.run, out=args.out, data=args.data, split=args.split, num_images=args.images,
+                       threshold=args.threshold, progress=not args.no_progress))
     return 0
 
 

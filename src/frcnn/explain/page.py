@@ -67,6 +67,13 @@ def prepare_out(out: Path, rewritable: bool = False) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not (rewritable and (out / MARKER).is_file()):
             raise OutputError(f"--out {out} is not empty; choose a new or empty folder (nothing is overwritten)")
+        try:  # our own page: remove the files it listed (and nothing else)
+            written = json.loads((out / MARKER).read_text()).get("files", [])
+        except (json.JSONDecodeError, OSError, AttributeError):
+            written = []
+        for name in written:
+            if isinstance(name, str) and "/" not in name and "\\" not in name and name not in ("", ".", ".."):
+                (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -104,6 +111,7 @@ def numbers_table(numbers: dict[str, Any]) -> str:
 def write_page(out: Path, title: str, subtitle: Sequence[str], sections: Sequence[Section],
                data: dict[str, Any] | None = None) -> Path:
     """Write each section's image as ``out/<image_name>.png`` and the page as ``out/index.html``."""
+    written: list[str] = []
     parts = [
         "<!DOCTYPE html>", "<html lang=en>", "<head>", "<meta charset=utf-8>",
         "<meta name=viewport content='width=device-width, initial-scale=1'>",
@@ -119,6 +127,7 @@ def write_page(out: Path, title: str, subtitle: Sequence[str], sections: Sequenc
         if s.image is not None:
             name = f"{s.image_name or s.anchor}.png"
             s.image.save(out / name, compress_level=3)
+            written.append(name)
             alt = html.escape(s.caption or s.title)
             parts.append(f"<figure><img src='{html.escape(name)}' width={s.image.width} height={s.image.height} "
                          f"alt='{alt}'>" + (f"<figcaption class=note>{alt}</figcaption>" if s.caption else "")
@@ -133,7 +142,9 @@ def write_page(out: Path, title: str, subtitle: Sequence[str], sections: Sequenc
     parts += ["</main>", "</body>", "</html>"]
     index = out / "index.html"
     index.write_text("\n".join(parts), encoding="utf-8")
-    (out / MARKER).write_text(json.dumps({"generator": "frcnn", "title": title, **(data or {})}, indent=1))
+    written.append(index.name)
+    (out / MARKER).write_text(json.dumps({"generator": "frcnn", "title": title, "files": written, **(data or {})},
+                                         indent=1))
     return index
 
 

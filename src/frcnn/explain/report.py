@@ -1,0 +1,203 @@
+"""``frcnn report RUN_DIR``: one HTML page about a training run (see :mod:`frcnn.explain.page`).
+
+From ``RUN_DIR/metrics.jsonl`` (one line per logged iteration, written by :mod:`frcnn.engine.train`): the
+loss curves of every loss term and the learning rate. With a data set (``data``/``split``): every kept
+snapshot (``RUN_DIR/snapshots/iter_*``) is evaluated with the reference VOC AP, giving mAP over iterations;
+the latest one also gives the per-class AP table, precision-recall curves and a few test images with their
+detections. A run that is still going is fine: a half-written last log line is skipped, a snapshot pruned
+while we read it is left out, and re-running the command replaces the report it wrote before.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from frcnn.engine.checkpoint import META, latest_snapshot
+from frcnn.errors import CheckpointError, DataError
+from frcnn.explain.page import Section, prepare_out, write_page
+from frcnn.viz import charts
+from frcnn.viz.draw import PALETTE, class_color, draw_detections
+
+LOSS_SERIES = (("rpn_cls", "RPN cls"), ("rpn_box", "RPN box"), ("rcnn_cls", "RCNN cls"), ("rcnn_box", "RCNN box"),
+               ("total", "total"))
+LOSS_COLORS = (PALETTE[2], PALETTE[3], PALETTE[1], PALETTE[4], (30, 30, 30))
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The log lines of a run, in order; a line that does not parse (being written right now) is skipped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "iteration" in record:
+            records.append(record)
+    return records
+
+
+def loss_chart(records: list[dict[str, Any]], width: int = 900) -> Any:
+    xs = [r["iteration"] for r in records]
+    series = [(label, xs, [float(r.get(key, math.nan)) for r in records], colour)
+              for (key, label), colour in zip(LOSS_SERIES, LOSS_COLORS)]
+    return charts.line_chart(series, title="training losses (mean over each logged window)", xlabel="iteration",
+                             ylabel="loss", width=width, height=360, y_range=(0.0, max(
+                                 [y for _, _, ys, _ in series for y in ys if math.isfinite(y)] + [1e-6])))
+
+
+def lr_chart(records: list[dict[str, Any]], width: int = 900) -> Any:
+    xs = [r["iteration"] for r in records]
+    return charts.line_chart([("learning rate", xs, [float(r.get("lr", math.nan)) for r in records], PALETTE[0])],
+                             title="learning rate", xlabel="iteration", width=width, height=240)
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    snaps = sorted(p for p in (run / "snapshots").glob("iter_*") if (p / META).is_file())
+    if not snaps and (run / META).is_file():
+        snaps = [run]
+    return snaps
+
+
+def evaluate_checkpoints(run: Path, data: Path, split: str, progress: bool) -> list[dict[str, Any]]:
+    """Evaluate each kept snapshot on ``data``/``split``: ``[{iteration, map, per_class, curves, predictor}]``."""
+    from frcnn.data.voc import VOCDataset
+    from frcnn.engine.evaluate import collect_detections, score_detections
+    from frcnn.engine.inference import Predictor
+    from frcnn.engine.voc_eval import eval_class
+
+    results = []
+    for folder in _checkpoints(run):
+        try:
+            predictor = Predictor.from_checkpoint(folder)
+            iteration = json.loads((folder / META).read_text()).get("iteration", 0)
+        except (CheckpointError, OSError, json.JSONDecodeError):
+            continue  # pruned or half-written while we looked: a running training may do that
+        dataset = VOCDataset(data, split, classes=predictor.class_names)
+        detections = collect_detections(predictor, dataset, progress=progress)
+        scored = score_detections(dataset, detections, "voc07")
+        curves = {}
+        samples = [dataset[i] for i in range(len(dataset))]
+        for k, name in enumerate(dataset.classes, start=1):
+            gts = {s.image_id: (s.boxes[s.labels == k], s.difficult[s.labels == k]) for s in samples}
+            ids, scores, boxes = [], [], []
+            for s, d in zip(samples, detections):
+                sel = d.labels == k
+                ids += [s.image_id] * int(sel.sum())
+                scores.append(d.scores[sel])
+                boxes.append(d.boxes[sel])
+            res = eval_class((ids, torch.cat(scores), torch.cat(boxes)), gts, 0.5, True)
+            curves[name] = (res["rec"], res["prec"], res["npos"])
+        results.append({"iteration": int(iteration), "map": scored["map"], "per_class": scored["per_class"],
+                        "curves": curves, "predictor": predictor, "dataset": dataset, "detections": detections,
+                        "folder": str(folder)})
+    return results
+
+
+def pr_chart(curves: dict[str, tuple[Any, Any, int]], class_names: tuple[str, ...], width: int = 900) -> Any:
+    series = []
+    for k, name in enumerate(class_names, start=1):
+        rec, prec, npos = curves.get(name, ([], [], 0))
+        if npos and len(rec):
+            series.append((name, [0.0, *map(float, rec)], [float(prec[0]), *map(float, prec)], class_color(k)))
+    return charts.line_chart(series or [("no detections", [0, 1], [math.nan, math.nan], (0, 0, 0))],
+                             title="precision-recall per class (latest snapshot, VOC07 rule IoU > 0.5)",
+                             xlabel="recall", ylabel="precision", width=width, height=380, y_range=(0.0, 1.0),
+                             x_range=(0.0, 1.0))
+
+
+def ap_table(result: dict[str, Any]) -> str:
+    rows = "".join(
+        f"<tr><th><span style='display:inline-block;width:12px;height:12px;background:rgb{class_color(k)};"
+        f"margin-right:6px'></span>{html.escape(name)}</th>"
+        f"<td class=num>{'n/a (no gt)' if ap is None else f'{ap:.4f}'}</td></tr>"
+        for k, (name, ap) in enumerate(result["per_class"].items(), start=1))
+    return (f"<table class=numbers><tr><th>class</th><th>AP (VOC07)</th></tr>{rows}"
+            f"<tr><th>mAP</th><td class=num>{result['map']:.4f}</td></tr></table>")
+
+
+def write_report(run: str | Path, out: str | Path | None = None, data: str | Path | None = None, split: str = "test",
+                 num_images: int = 4, threshold: float = 0.5, progress: bool = True) -> Path:
+    """Write the run's page into ``out`` (default ``RUN_DIR/report``); returns its ``index.html``."""
+    run = Path(run)
+    if not run.is_dir():
+        raise DataError(f"{run}: no such run folder")
+    records = read_metrics(run / METRICS_FILE)
+    if not records and not _checkpoints(run):
+        raise DataError(f"{run}: not a training run (no {METRICS_FILE} and no checkpoint)")
+    out = Path(out) if out is not None else run / "report"
+    prepare_out(out, rewritable=True)
+    config = {}
+    if (run / "config.yaml").is_file():
+        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    max_iters = (config.get("TRAIN") or {}).get("MAX_ITERS")
+    sections = []
+    last = records[-1] if records else {}
+    progress_numbers = {
+        "last_logged_iteration": last.get("iteration"),
+        "TRAIN.MAX_ITERS": max_iters,
+        "elapsed_s": round(last["elapsed"], 1) if "elapsed" in last else None,
+        "s_per_iteration": round(last["time"], 4) if "time" in last else None,
+        "last_total_loss": last.get("total"),
+        "latest_snapshot": str(latest_snapshot(run / "snapshots") or "none yet"),
+        "BACKBONE": config.get("BACKBONE"),
+        "POOLING_MODE": config.get("POOLING_MODE"),
+    }
+    if records:
+        sections.append(Section("losses", "Losses", "The four terms of the training loss (RPN classification and "
+                                "box regression, classification-layer classification and box regression) and their "
+                                "sum, each the mean over the iterations of one logged window.",
+                                numbers=progress_numbers, image=loss_chart(records), image_name="losses"))
+        sections.append(Section("lr", "Learning rate", "The learning rate of each logged iteration (warm-up, then "
+                                "steps of GAMMA at STEPSIZE).", image=lr_chart(records), image_name="learning_rate"))
+    else:
+        sections.append(Section("losses", "Losses", "Nothing logged yet.", numbers=progress_numbers))
+    if data is not None:
+        results = evaluate_checkpoints(run, Path(data), split, progress)
+        if results:
+            latest = results[-1]
+            names = tuple(latest["dataset"].classes)
+            maps = charts.line_chart([("mAP", [r["iteration"] for r in results], [r["map"] for r in results],
+                                       PALETTE[0])], title=f"mAP (VOC07) on {split} per kept snapshot",
+                                     xlabel="iteration", width=900, height=280, y_range=(0.0, 1.0), markers=True)
+            sections.append(Section("map", "mAP over evaluations", f"Every kept snapshot evaluated on {data} "
+                                    f"({split}, {len(latest['dataset'])} images).", image=maps, image_name="map",
+                                    numbers={f"iteration {r['iteration']}": round(r["map"], 4) for r in results}))
+            sections.append(Section("ap", f"Per-class AP at iteration {latest['iteration']}",
+                                    "Average precision of each class, the reference voc_eval with the 11-point "
+                                    "VOC07 metric; the curves show precision against recall as the score "
+                                    "threshold falls.", image=pr_chart(latest["curves"], names), image_name="pr",
+                                    html_body=ap_table(latest)))
+            dataset, predictor = latest["dataset"], latest["predictor"]
+            tiles = []
+            for i in range(min(num_images, len(dataset))):
+                sample = dataset[i]
+                det = latest["detections"][i]
+                keep = det.scores >= threshold
+                drawn = draw_detections(dataset.load_image(sample), det.boxes[keep], det.labels[keep],
+                                        det.scores[keep], predictor.class_names, gt_boxes=sample.boxes)
+                tiles.append(charts.label_above(drawn, f"{sample.image_id}: {int(keep.sum())} detections"))
+            if tiles:
+                rows = [charts.hstack(tiles[k:k + 2], gap=10) for k in range(0, len(tiles), 2)]
+                legend = charts.legend([(n, class_color(k)) for k, n in enumerate(names, start=1)]
+                                       + [("gt", (255, 255, 255))], rows[0].width, title="legend:")
+                sections.append(Section("images", "Test images", f"The first {len(tiles)} images of {split} with "
+                                        f"the detections of the latest snapshot scoring at least {threshold:g} "
+                                        "(white: ground truth).", image=charts.vstack([*rows, legend], gap=10),
+                                        image_name="test_images"))
+        else:
+            sections.append(Section("map", "Evaluation", "No snapshot to evaluate yet."))
+    else:
+        sections.append(Section("map", "Evaluation", "No evaluation: pass --data VOC_ROOT --split NAME to evaluate "
+                                "the kept snapshots and draw test images."))
+    return write_page(out, f"frcnn report: {run.resolve().name}", [f"run {run}", f"{len(records)} logged iterations"],
+                      sections)
