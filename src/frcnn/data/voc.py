@@ -18,7 +18,8 @@ Policy choices:
 * A degenerate box with ``xmin == xmax`` (or ``ymin == ymax``) is valid: it is one pixel wide.
   A box with ``xmax < xmin``, a coordinate below 1 or beyond ``width``/``height`` is refused, as is a
   non-finite coordinate.
-* Every problem is a one-line :class:`~frcnn.errors.DataError` naming the file.
+* Every problem is a one-line :class:`~frcnn.errors.DataError` naming the file, or, in lenient mode
+  (``problems=[]``), a :class:`~frcnn.data.problems.Problem` in that list (see ``frcnn check-data``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import torch
 from defusedxml import DefusedXmlException
 from PIL import Image
 
+from frcnn.data.images import open_image
+from frcnn.data.problems import Problem
 from frcnn.data.sample import Sample
 from frcnn.errors import DataError
 
@@ -90,25 +93,7 @@ def _image_path(images_dir: Path, filename: str, xml_path: Path) -> Path:
     return Path(target)
 
 
-def _read_annotation(xml_path: Path, images_dir: Path) -> _Annotation:
-    try:
-        root = SafeET.parse(xml_path).getroot()
-    except DefusedXmlException as e:
-        raise DataError(f"{xml_path}: refused unsafe XML ({type(e).__name__}: entities/DTDs are not allowed)") from None
-    except SafeET.ParseError as e:
-        raise DataError(f"{xml_path}: XML does not parse ({e})") from None
-    except OSError as e:
-        raise DataError(f"{xml_path}: cannot read ({e.strerror or e})") from None
-    if root.tag != "annotation":
-        raise DataError(f"{xml_path}: root element is <{root.tag}>, expected <annotation>")
-
-    filename_node = root.find("filename")
-    if filename_node is not None and filename_node.text and filename_node.text.strip():
-        filename = filename_node.text.strip()
-    else:
-        filename = f"{xml_path.stem}.jpg"
-    image_path = _image_path(images_dir, filename, xml_path)
-
+def _size(root, xml_path: Path) -> tuple[int, int]:
     size = root.find("size")
     if size is None:
         raise DataError(f"{xml_path}: missing <size>")
@@ -118,16 +103,19 @@ def _read_annotation(xml_path: Path, images_dir: Path) -> _Annotation:
         if value < 1 or not value.is_integer():
             raise DataError(f"{xml_path}: <size> has <{tag}> {value:g}, expected a positive integer")
         dims.append(int(value))
-    width, height = dims
+    return dims[0], dims[1]
 
-    objects = []
-    for i, obj in enumerate(root.findall("object"), start=1):
-        where = f"box {i}"
-        name = _text(obj, "name", where, xml_path)
-        bndbox = obj.find("bndbox")
-        if bndbox is None:
-            raise DataError(f"{xml_path}: missing <bndbox> in {where} ({name})")
-        x1, y1, x2, y2 = (_number(_text(bndbox, t, where, xml_path), t, where, xml_path) for t in _COORDS)
+
+def _read_object(obj, i: int, xml_path: Path, size: tuple[int, int] | None) -> _Object:
+    """One ``<object>``; its box is checked against ``size`` (width, height) unless ``size`` is None."""
+    where = f"box {i}"
+    name = _text(obj, "name", where, xml_path)
+    bndbox = obj.find("bndbox")
+    if bndbox is None:
+        raise DataError(f"{xml_path}: missing <bndbox> in {where} ({name})")
+    x1, y1, x2, y2 = (_number(_text(bndbox, t, where, xml_path), t, where, xml_path) for t in _COORDS)
+    if size is not None:
+        width, height = size
         if x2 < x1:
             raise DataError(f"{xml_path}: {where} has x2 < x1 (xmin={x1:g}, xmax={x2:g})")
         if y2 < y1:
@@ -137,34 +125,101 @@ def _read_annotation(xml_path: Path, images_dir: Path) -> _Annotation:
                 f"{xml_path}: {where} ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside the {width}x{height} image "
                 f"(VOC coordinates are 1-based: 1 <= xmin <= xmax <= width)"
             )
-        difficult_node = obj.find("difficult")
-        difficult = False
-        if difficult_node is not None and difficult_node.text and difficult_node.text.strip():
-            flag = _number(difficult_node.text.strip(), "difficult", where, xml_path)
-            if flag not in (0, 1):
-                raise DataError(f"{xml_path}: {where} has <difficult> {flag:g}, expected 0 or 1")
-            difficult = bool(flag)
-        objects.append(_Object(name, (x1, y1, x2, y2), difficult))
+    difficult_node = obj.find("difficult")
+    difficult = False
+    if difficult_node is not None and difficult_node.text and difficult_node.text.strip():
+        flag = _number(difficult_node.text.strip(), "difficult", where, xml_path)
+        if flag not in (0, 1):
+            raise DataError(f"{xml_path}: {where} has <difficult> {flag:g}, expected 0 or 1")
+        difficult = bool(flag)
+    return _Object(name, (x1, y1, x2, y2), difficult)
+
+
+def _note(problems: list[Problem] | None, xml_path: Path, kind: str, error: DataError, box: int | None = None) -> None:
+    """Strict (``problems`` is None): raise ``error`` again. Lenient: record it as a :class:`Problem`."""
+    if problems is None:
+        raise error
+    message = str(error).removeprefix(f"{xml_path}: ")
+    problems.append(Problem(str(xml_path), kind, message, box=box, image_id=xml_path.stem))
+
+
+def _parse(xml_path: Path):
+    try:
+        return SafeET.parse(xml_path).getroot()
+    except DefusedXmlException as e:
+        raise DataError(f"{xml_path}: refused unsafe XML ({type(e).__name__}: entities/DTDs are not allowed)") from None
+    except SafeET.ParseError as e:
+        raise DataError(f"{xml_path}: XML does not parse ({e})") from None
+    except OSError as e:
+        raise DataError(f"{xml_path}: cannot read ({e.strerror or e})") from None
+
+
+def _read_annotation(xml_path: Path, images_dir: Path, problems: list[Problem] | None = None) -> _Annotation | None:
+    """Strict (``problems`` None): the checked annotation or a DataError. Lenient: every problem is appended
+    to ``problems``; an annotation that cannot be read gives None, a bad ``<size>`` gives width = height = 0,
+    a bad ``<object>`` is left out, and boxes are *not* checked against the image (check.py does that with
+    the image's real size)."""
+    try:
+        root = _parse(xml_path)
+    except DataError as e:
+        kind = ("missing-annotation" if not xml_path.is_file() else
+                "unsafe-xml" if "unsafe XML" in str(e) else "unparsable-annotation")
+        _note(problems, xml_path, kind, e)
+        return None
+    if root.tag != "annotation":
+        _note(problems, xml_path, "unparsable-annotation",
+              DataError(f"{xml_path}: root element is <{root.tag}>, expected <annotation>"))
+        return None
+
+    filename_node = root.find("filename")
+    if filename_node is not None and filename_node.text and filename_node.text.strip():
+        filename = filename_node.text.strip()
+    else:
+        filename = f"{xml_path.stem}.jpg"
+    try:
+        image_path = _image_path(images_dir, filename, xml_path)
+    except DataError as e:
+        _note(problems, xml_path, "path-outside-data", e)
+        return None
+
+    try:
+        width, height = _size(root, xml_path)
+    except DataError as e:
+        _note(problems, xml_path, "size-missing", e)
+        width = height = 0
+
+    objects = []
+    for i, obj in enumerate(root.findall("object"), start=1):
+        try:
+            objects.append(_read_object(obj, i, xml_path, (width, height) if problems is None else None))
+        except DataError as e:
+            _note(problems, xml_path, "bad-annotation", e, box=i)
     return _Annotation(xml_path, image_path, width, height, tuple(objects))
 
 
-def _to_sample(ann: _Annotation, class_to_index: Mapping[str, int], image_id: str) -> Sample:
-    labels = []
+def _to_sample(
+    ann: _Annotation, class_to_index: Mapping[str, int], image_id: str, problems: list[Problem] | None = None
+) -> Sample:
+    """Labels from ``class_to_index``; an unknown class is an error (strict) or a recorded problem and a
+    box left out (lenient)."""
+    kept = []
     for i, obj in enumerate(ann.objects, start=1):
         if obj.name not in class_to_index:
             known = ", ".join(sorted(class_to_index, key=class_to_index.__getitem__))
-            raise DataError(f"{ann.xml_path}: box {i} has unknown class {obj.name!r} (known classes: {known})")
-        labels.append(class_to_index[obj.name])
-    n = len(ann.objects)
-    boxes = torch.tensor([o.box for o in ann.objects], dtype=torch.float32).reshape(n, 4) - 1.0
+            error = DataError(f"{ann.xml_path}: box {i} has unknown class {obj.name!r} (known classes: {known})")
+            _note(problems, ann.xml_path, "unknown-class", error, box=i)
+            continue
+        kept.append(obj)
+    n = len(kept)
+    boxes = torch.tensor([o.box for o in kept], dtype=torch.float32).reshape(n, 4) - 1.0
     return Sample(
         image_id=image_id,
         path=ann.image_path,
         width=ann.width,
         height=ann.height,
         boxes=boxes,
-        labels=torch.tensor(labels, dtype=torch.int64).reshape(n),
-        difficult=torch.tensor([o.difficult for o in ann.objects], dtype=torch.bool).reshape(n),
+        labels=torch.tensor([class_to_index[o.name] for o in kept], dtype=torch.int64).reshape(n),
+        difficult=torch.tensor([o.difficult for o in kept], dtype=torch.bool).reshape(n),
     )
 
 
@@ -191,9 +246,22 @@ class VOCDataset:
     ``classes`` is the tuple of class names; name ``classes[i]`` is label ``i + 1`` (0 is background).
     If not given, it is every class name found in the split's XMLs, sorted alphabetically; pass the
     training set's ``classes`` when reading a test split so that labels agree.
+
+    Strict (``problems`` None, what training and evaluation use): the first problem is a one-line
+    :class:`DataError`. Lenient (``problems`` a list, what ``frcnn check-data`` uses): every problem of the
+    annotations is appended to ``problems`` and the split is read as far as it can be: an annotation that
+    cannot be read is left out (``ids`` are the images kept, ``listed`` every id of the split file), boxes
+    are kept as written (even inverted or outside the image) and images are not opened. Missing folders
+    and split files are errors in both modes.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str, classes: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        classes: Sequence[str] | None = None,
+        problems: list[Problem] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.split = split
         annotations_dir = self.root / "Annotations"
@@ -210,11 +278,14 @@ class VOCDataset:
         if not split_file.is_file():
             available = sorted(p.stem for p in sets_dir.glob("*.txt") if "_" not in p.stem)
             raise DataError(f"{split_file}: no such split (available: {', '.join(available) or 'none'})")
-        self.ids: tuple[str, ...] = _read_split(split_file)
+        self.listed: tuple[str, ...] = _read_split(split_file)
 
-        annotations = [_read_annotation(annotations_dir / f"{i}.xml", images_dir) for i in self.ids]
+        read = [(i, _read_annotation(annotations_dir / f"{i}.xml", images_dir, problems)) for i in self.listed]
+        kept = [(i, ann) for i, ann in read if ann is not None]
+        self.ids: tuple[str, ...] = tuple(i for i, _ in kept)
+        annotations = [ann for _, ann in kept]
         for ann in annotations:
-            if not ann.image_path.is_file():
+            if problems is None and not ann.image_path.is_file():
                 raise DataError(f"{ann.xml_path}: image {ann.image_path} does not exist")
 
         if classes is None:
@@ -225,7 +296,7 @@ class VOCDataset:
         if len(set(self.classes)) != len(self.classes) or not all(self.classes):
             raise DataError(f"{self.root}: class names must be unique and non-empty, got {list(self.classes)}")
         class_to_index = {name: i for i, name in enumerate(self.classes, start=1)}
-        self._samples = tuple(_to_sample(ann, class_to_index, i) for ann, i in zip(annotations, self.ids))
+        self._samples = tuple(_to_sample(ann, class_to_index, i, problems) for ann, i in zip(annotations, self.ids))
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -237,14 +308,10 @@ class VOCDataset:
         return f"VOCDataset({str(self.root)!r}, {self.split!r}, {len(self)} images, classes={self.classes})"
 
     def load_image(self, sample: Sample) -> Image.Image:
-        """The sample's image in RGB; a :class:`DataError` naming the file if it is unreadable or its size
-        disagrees with the annotation."""
-        try:
-            with Image.open(sample.path) as im:
-                im.load()
-                image = im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise DataError(f"{sample.path}: cannot read image ({type(e).__name__}: {e})") from None
+        """The sample's image in RGB (:func:`frcnn.data.images.open_image`); a :class:`DataError` naming the
+        file if it is missing, unreadable, truncated, over the pixel limit, or its size disagrees with the
+        annotation."""
+        image = open_image(sample.path)
         if image.size != (sample.width, sample.height):
             raise DataError(
                 f"{sample.path}: image is {image.width}x{image.height} but its annotation says "

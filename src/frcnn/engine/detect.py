@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from frcnn.engine.inference import Predictor
 from frcnn.errors import DataError
@@ -15,13 +15,11 @@ from frcnn.viz.draw import draw_detections
 
 
 def open_image(path: Path) -> Image.Image:
-    """An RGB image, or a one-line DataError naming the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    """An RGB image, or a one-line DataError naming the file (see :func:`frcnn.data.images.open_image`:
+    pixel limit, format by content, truncation, any mode converted to RGB)."""
+    from frcnn.data.images import open_image as safe_open
+
+    return safe_open(path)
 
 
 def detections_to_json(det: Detections, class_names: Sequence[str], image: Path, size: tuple[int, int]) -> dict:

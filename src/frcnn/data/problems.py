@@ -1,0 +1,60 @@
+"""One problem found in a data set: which file, what kind, the exact value, and whether it can be repaired.
+
+Readers in lenient mode and :mod:`frcnn.data.check` produce these; the strict readers raise the same text
+as a one-line :class:`~frcnn.errors.DataError` (``problem.line``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# kind -> (repairable, what the repair does). A kind that is not repairable stops training.
+KINDS: dict[str, tuple[bool, str]] = {
+    # annotations
+    "unparsable-annotation": (False, ""),
+    "unsafe-xml": (False, ""),
+    "bad-annotation": (False, ""),
+    "path-outside-data": (False, ""),
+    "unknown-class": (False, ""),
+    "missing-annotation": (False, ""),
+    # boxes
+    "inverted-box": (False, ""),
+    "box-outside-image": (False, ""),  # no pixel of the box inside the image
+    "zero-area-box": (True, "dropped"),  # COCO w or h <= 0
+    "degenerate-box": (True, "dropped"),  # VOC xmin == xmax or ymin == ymax: 1 pixel wide under +1
+    "box-crosses-border": (True, "clipped to the image"),
+    "duplicate-box": (True, "dropped"),  # same class, same coordinates, same image
+    # images
+    "missing-image": (False, ""),
+    "unreadable-image": (False, ""),
+    "truncated-image": (False, ""),
+    "image-too-large": (False, ""),
+    "size-mismatch": (False, ""),
+    "size-missing": (True, "real image size used"),  # <size> 0 or absent
+    "format-mismatch": (True, "read by content"),  # a PNG named .jpg
+    "image-mode": (True, "converted to RGB"),  # L, P, RGBA, CMYK, ...
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str  # the file to fix (annotation or image)
+    kind: str  # a key of KINDS
+    message: str  # one line with the exact value, without the file name
+    box: int | None = None  # 1-based index of the box in its annotation, if about one box
+    image_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown problem kind {self.kind!r}")
+
+    @property
+    def repairable(self) -> bool:
+        return KINDS[self.kind][0]
+
+    @property
+    def line(self) -> str:
+        return f"{self.file}: {self.message}"
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "repairable": self.repairable}
