@@ -58,6 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("check-data", help="find problems in a data set before training; anchor fit",
+                       description="Check a VOC root (every split, or --split) or a COCO JSON: counts, every "
+                                   "problem with its file and value (repairable or not), and how well the "
+                                   "config's anchors fit the boxes. Exit code 0: nothing that training cannot "
+                                   "repair; 1: a problem training would stop on; 2: the data cannot be read.")
+    p.add_argument("--data", required=True, type=Path, help="VOC root or COCO annotation JSON")
+    p.add_argument("--split", help="one image set (VOC) or another JSON next to --data (COCO); default: all")
+    p.add_argument("--classes", help="expected class names, comma-separated (others are unknown classes)")
+    p.add_argument("--images", type=Path, help="COCO images folder (default: the JSON's folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="write histograms of box sizes and aspect ratios")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_check_data)
+
     p = sub.add_parser("eval", help="evaluate a checkpoint or detections on VOC or COCO data (per-class AP, mAP)",
                        description="Evaluate a checkpoint (or detections made elsewhere) with the reference VOC AP "
                                    "(IoU > 0.5, +1 pixel convention) and, on COCO data, pycocotools' COCOeval.")
@@ -120,14 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from frcnn.config import load_config
-    from frcnn.data.voc import VOCDataset
+    from frcnn.data.check import training_set
     from frcnn.engine.train import train
 
     if args.resume and args.config is None and (args.out / "config.yaml").is_file():
         cfg = load_config(str(args.out / "config.yaml"), args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-    dataset = VOCDataset(args.data, args.split)
+    dataset, repaired = training_set(args.data, args.split, progress=not args.no_progress)
+    if repaired:
+        print(repaired)
     print(f"training on {len(dataset)} images of {args.data} ({args.split}), classes: {', '.join(dataset.classes)}")
     train(cfg, dataset, args.out, resume=args.resume, progress=not args.no_progress)
     print(f"checkpoint: {args.out}")
@@ -140,6 +157,31 @@ def _open_data(args: argparse.Namespace, split: str | None, classes: Sequence[st
     if classes is None and args.classes:
         classes = parse_classes(args.classes)
     return open_dataset(args.data, split, classes=classes, images=args.images)
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from frcnn.config import load_config
+    from frcnn.data import parse_classes
+    from frcnn.data.anchor_fit import anchor_fit, format_fit, suggest_scales, write_histograms
+    from frcnn.data.check import check_data, fit_samples, format_counts, format_problems
+
+    cfg = load_config(args.config, args.overrides)
+    classes = parse_classes(args.classes) if args.classes else None
+    report = check_data(args.data, args.split, classes, args.images, progress=not (args.no_progress or args.json))
+    samples = fit_samples(report)
+    fits = suggest_scales(samples, cfg)
+    current = anchor_fit(samples, cfg)
+    if args.plot:
+        write_histograms(current, args.plot)
+    if args.json:
+        print(json.dumps({**report.to_json(), "anchor_fit": current.to_json(report.classes),
+                          "suggested_anchor_scales": list(fits[0].scales),
+                          "suggested_fit": fits[0].to_json(report.classes)}))
+    else:
+        print("\n".join(format_counts(report) + format_problems(report) + format_fit(fits, current, report.classes)))
+        if args.plot:
+            print(f"histograms: {args.plot}")
+    return 1 if report.unrepairable else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
