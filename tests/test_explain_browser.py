@@ -40,7 +40,10 @@ window.addEventListener('error', function (e) {
 window.addEventListener('unhandledrejection', function (e) { window.__errors.push('rejection: ' + e.reason); });
 (function () {
   var original = console.error;
-  console.error = function () { window.__errors.push(Array.prototype.join.call(arguments, ' ')); original.apply(console, arguments); };
+  console.error = function () {
+    window.__errors.push(Array.prototype.join.call(arguments, ' '));
+    original.apply(console, arguments);
+  };
 })();
 window.addEventListener('load', function () {
   var images = Array.prototype.slice.call(document.images);
