@@ -70,3 +70,30 @@ def test_validation_losses_leave_the_model_as_it_was():
     assert model.training and all(m.training for m in model.modules())
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_cli_trains_on_coco_json_with_validation(tmp_path, capsys):
+    from frcnn.cli import main
+    from frcnn.data import open_dataset
+    from frcnn.data.coco import write_coco_json
+    from frcnn.data.synthetic import make_shapes_dataset
+
+    make_shapes_dataset(tmp_path / "data", num_trainval=3, num_test=2, image_size=(96, 96), seed=4)
+    classes = ("circle", "square", "star", "triangle")
+    for split in ("trainval", "test"):
+        write_coco_json(tmp_path / "data" / f"{split}.json", open_dataset(tmp_path / "data", split, classes),
+                        category_ids=[0, 2, 4, 9])
+    sets = ["--set", "TRAIN.MAX_ITERS=3", "--set", "TRAIN.SCALES=[96]", "--set", "TEST.SCALES=[96]",
+            "--set", "TRAIN.SNAPSHOT_ITERS=3", "--set", "DEVICE=cpu"]
+    code = main(["train", "--data", str(tmp_path / "data" / "trainval.json"), "--val-split", "test",
+                 "--eval-every", "2", "--out", str(tmp_path / "run"), "--config", "demo-cpu", "--no-progress", *sets])
+    out = capsys.readouterr().out
+    assert code == 0 and "validating on 2 images" in out
+    vals = [r for r in _records(tmp_path / "run" / "metrics.jsonl") if "val_map" in r]
+    assert [r["iteration"] for r in vals] == [2, 3] and all(r["val_metric"] == "coco" for r in vals)
+    result = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert set(result["metrics"]) == {"voc07", "voc2010", "coco"} and result["iteration"] == 3
+
+    code = main(["train", "--data", str(tmp_path / "data"), "--split", "trainval", "--eval-every", "2",
+                 "--out", str(tmp_path / "run2"), "--config", "demo-cpu", *sets])
+    assert code == 2 and "--eval-every N needs --val-split" in capsys.readouterr().err

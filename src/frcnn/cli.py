@@ -48,10 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train a detector on a VOC folder",
-                       description="Train Faster R-CNN (approximate joint training) on a PASCAL VOC folder.")
-    p.add_argument("--data", required=True, type=Path, help="VOC root holding Annotations/, JPEGImages/, ImageSets/")
-    p.add_argument("--split", required=True, help="image set to train on, e.g. trainval")
+    p = sub.add_parser("train", help="train a detector on a VOC folder or a COCO JSON",
+                       description="Train Faster R-CNN (approximate joint training) on a PASCAL VOC folder or a COCO "
+                                   "annotation JSON.")
+    _add_data_args(p, "train on, e.g. trainval")
+    p.add_argument("--val-split", metavar="NAME",
+                   help="held-out data evaluated during training: a VOC image set, or for COCO another JSON "
+                        "(NAME.json next to --data, or a path); logs mAP and validation losses to metrics.jsonl")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help="with --val-split: evaluate every N iterations and after the last "
+                        "(default: every TRAIN.SNAPSHOT_ITERS)")
     p.add_argument("--out", required=True, type=Path, help="run folder (new or empty; with --resume, the run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last snapshot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -135,28 +141,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from frcnn.config import load_config
+    from frcnn.data import parse_classes
     from frcnn.data.check import training_set
     from frcnn.engine.train import train
+    from frcnn.errors import ConfigError
 
     if args.resume and args.config is None and (args.out / "config.yaml").is_file():
         cfg = load_config(str(args.out / "config.yaml"), args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-    dataset, repaired = training_set(args.data, args.split, progress=not args.no_progress)
+    if args.eval_every is not None and (args.val_split is None or args.eval_every < 1):
+        raise ConfigError("--eval-every N needs --val-split and N >= 1")
+    classes = parse_classes(args.classes) if args.classes else None
+    dataset, repaired = training_set(args.data, args.split, classes, args.images, progress=not args.no_progress)
     if repaired:
         print(repaired)
-    print(f"training on {len(dataset)} images of {args.data} ({args.split}), classes: {', '.join(dataset.classes)}")
-    train(cfg, dataset, args.out, resume=args.resume, progress=not args.no_progress)
+    val = _open_data(args, args.val_split, dataset.classes) if args.val_split else None
+    where = f"{args.data} ({args.split})" if args.split else str(args.data)
+    print(f"training on {len(dataset)} images of {where}, classes: {', '.join(dataset.classes)}")
+    if val is not None:
+        print(f"validating on {len(val)} images ({args.val_split}) every {args.eval_every or cfg.TRAIN.SNAPSHOT_ITERS} "
+              "iterations")
+    train(cfg, dataset, args.out, resume=args.resume, progress=not args.no_progress, val_dataset=val,
+          eval_every=args.eval_every or cfg.TRAIN.SNAPSHOT_ITERS)
     print(f"checkpoint: {args.out}")
     return 0
-
-
-def _open_data(args: argparse.Namespace, split: str | None, classes: Sequence[str] | None = None):
-    from frcnn.data import open_dataset, parse_classes
-
-    if classes is None and args.classes:
-        classes = parse_classes(args.classes)
-    return open_dataset(args.data, split, classes=classes, images=args.images)
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
@@ -182,6 +191,14 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         if args.plot:
             print(f"histograms: {args.plot}")
     return 1 if report.unrepairable else 0
+
+
+def _open_data(args: argparse.Namespace, split: str | None, classes: Sequence[str] | None = None):
+    from frcnn.data import open_dataset, parse_classes
+
+    if classes is None and args.classes:
+        classes = parse_classes(args.classes)
+    return open_dataset(args.data, split, classes=classes, images=args.images)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
