@@ -26,6 +26,7 @@ def test_quick_demo_writes_data_checkpoint_metrics_and_drawings(tmp_path):
     drawn = sorted((out / "detections").glob("*.png"))
     assert len(drawn) == 4
     assert Image.open(drawn[0]).size == (320, 320)  # drawn on the original image
+    assert len(json.loads((out / "explain" / "explain.json").read_text())["stages"]) == 10  # with its gt: 10 stages
 
 
 def test_demo_is_reproducible_with_a_seed(tmp_path):

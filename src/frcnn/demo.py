@@ -3,7 +3,8 @@
 1. generate the synthetic shapes set (VOC layout) in ``OUT/data``;
 2. train the ``demo-cpu`` preset on its trainval split into ``OUT/model`` (a checkpoint folder);
 3. evaluate on the test split: ``OUT/metrics.json``;
-4. draw the detections of a few test images into ``OUT/detections``.
+4. draw the detections of a few test images into ``OUT/detections``;
+5. explain one test image stage by stage: ``OUT/explain/index.html`` (see :mod:`frcnn.explain`).
 """
 
 from __future__ import annotations
@@ -65,4 +66,9 @@ def run_demo(
         drawn = draw_detections(image, det.boxes[keep], det.labels[keep], det.scores[keep], trainval.classes)
         drawn.save(out / "detections" / f"{sample.image_id}.png")
     print(f"mAP (VOC07) {result['map']:.4f}; checkpoint {out / 'model'}; metrics {out / 'metrics.json'}")
+    from frcnn.explain import explain_image  # every stage of one test image, with its ground truth
+
+    page = explain_image(model, cfg, trainval.classes, test[0].path, out / "explain", write_json=True,
+                         checkpoint=str(out / "model"))
+    print(f"explain report of test image {test[0].image_id}: {page}")
     return result
