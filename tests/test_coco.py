@@ -167,7 +167,7 @@ def test_unparsable_json_and_non_finite_numbers(tmp_path):
 
 
 def test_image_over_the_pixel_limit_is_refused(tmp_path, monkeypatch):
-    images = pytest.importorskip("frcnn.data.images")
+    from frcnn.data import images
     ds = open_dataset(write(tmp_path))
     monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(DataError, match="limit") as e:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from frcnn.data.images import open_image
 from frcnn.data.sample import Sample
 from frcnn.errors import DataError
 
@@ -272,12 +273,6 @@ class COCODataset:
     def load_image(self, sample: Sample) -> Image.Image:
         """The sample's image in RGB; a one-line :class:`DataError` naming the file if it is unreadable, over
         the pixel limit of :mod:`frcnn.data.images`, or its size disagrees with the annotation."""
-        try:
-            from frcnn.data.images import open_image
-        except ImportError:  # the shared loader is not there yet: read as VOC images are read
-            from frcnn.data.voc import VOCDataset
-
-            return VOCDataset.load_image(self, sample)  # type: ignore[arg-type]
         image = open_image(sample.path)
         if image.size != (sample.width, sample.height):
             raise DataError(f"{sample.path}: image is {image.width}x{image.height} but {self.json_path.name} "
