@@ -11,7 +11,8 @@ TRAIN.RPN_POSITIVE_OVERLAP``, 0.7) or at least one that is not background (``>= 
 large, or too elongated) for the anchors.
 
 The suggested ``ANCHOR_SCALES`` keep the number of anchors (three scales an octave apart, so the RPN head
-keeps its shape) and maximise the fraction of boxes at ``>= 0.7``, then ``>= 0.3``, then the median.
+keeps its shape) and maximise the fraction of boxes at ``>= 0.7``, then ``>= 0.3``, then the median best
+IoU; between equals, the set whose middle anchor is nearest the median box size wins.
 """
 
 from __future__ import annotations
@@ -159,8 +160,11 @@ def suggest_scales(samples: Sequence[Sample], cfg: Config, target_size: int | No
     fits = [anchor_fit(samples, cfg, scales, target_size, groups) for scales in candidates]
 
     def key(fit: AnchorFit) -> tuple:
-        median = float(fit.best_iou.median()) if fit.count else 0.0
-        return fit.below(fit.positive), fit.below(fit.negative), -median
+        if not fit.count:
+            return 0, 0, 0.0, 0.0
+        # ties (neighbouring candidates share two sizes): the set centred on the median box size
+        off_centre = abs(math.log2(16 * fit.scales[len(fit.scales) // 2]) - math.log2(float(fit.sizes.median())))
+        return fit.below(fit.positive), fit.below(fit.negative), -float(fit.best_iou.median()), off_centre
 
     return sorted(fits, key=key)
 

@@ -256,6 +256,8 @@ def training_set(
 
     report = check_data(path, split, None, images, progress=progress)
     report.raise_if_unrepairable()
+    if not report.classes:
+        raise DataError(f"{path}: no objects in any annotation of split {split}, so no classes to train")
     if report.format == "voc":
         dataset = report.repaired(split)
     else:

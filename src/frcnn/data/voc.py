@@ -290,7 +290,7 @@ class VOCDataset:
 
         if classes is None:
             classes = sorted({o.name for ann in annotations for o in ann.objects})
-            if not classes:
+            if not classes and problems is None:  # lenient: the problems say why
                 raise DataError(f"{split_file}: no objects in any annotation of this split, so no classes")
         self.classes: tuple[str, ...] = tuple(classes)
         if len(set(self.classes)) != len(self.classes) or not all(self.classes):

@@ -78,6 +78,19 @@ class Checkpoint:
             optimizer.state[p]["momentum_buffer"] = buf.to(p.device)
 
 
+PICKLE_SUFFIXES = {".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin", ".tar"}
+
+
+def _refuse_pickle(path: Path) -> None:
+    """A pickle (or a ``torch.save`` zip of pickles) under the name of a safetensors file is refused by its
+    first bytes, before anything reads it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:1] == b"\x80" or head == b"PK\x03\x04":
+        kind = "a torch.save zip archive" if head == b"PK\x03\x04" else "a Python pickle"
+        raise CheckpointError(f"{path}: is {kind}, not safetensors; frcnn never unpickles checkpoints")
+
+
 def read_checkpoint(folder: str | Path) -> Checkpoint:
     """Read and validate a checkpoint folder; any problem is one :class:`CheckpointError` line."""
     folder = Path(folder)
@@ -85,7 +98,10 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{folder}: no such checkpoint folder")
     for name in (WEIGHTS, CONFIG, META):
         if not (folder / name).is_file():
-            raise CheckpointError(f"{folder}: not a frcnn checkpoint (missing {name})")
+            pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            hint = f"; {', '.join(pickles)} would need unpickling, which frcnn never does" if pickles else ""
+            raise CheckpointError(f"{folder}: not a frcnn checkpoint (missing {name}{hint})")
+    _refuse_pickle(folder / WEIGHTS)
     try:
         meta = json.loads((folder / META).read_text())
         classes = tuple(str(c) for c in meta["classes"])
