@@ -75,3 +75,21 @@ def test_bccd_single_pixel_boxes_are_dropped_for_training():
     dataset = report.repaired("trainval")
     assert dataset.summary == "repaired: dropped 2 degenerate boxes (BloodImage_00338, BloodImage_00343)"
     assert sum(dataset[i].boxes.shape[0] for i in range(len(dataset))) == 3943 - 2
+
+
+def test_coco_training_set_drops_zero_area_boxes_and_pickles(tmp_path):
+    import json
+    import pickle
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    anns = [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [2, 2, 10, 10]},
+            {"id": 2, "image_id": 1, "category_id": 3, "bbox": [5, 5, 0, 6]},
+            {"id": 3, "image_id": 1, "category_id": 3, "bbox": [30, 20, 20, 20]}]
+    (tmp_path / "train.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}], "annotations": anns,
+        "categories": [{"id": 3, "name": "cat"}]}))
+    dataset, summary = training_set(tmp_path / "train.json", "train")
+    assert summary == "repaired: dropped 1 degenerate boxes (1)"
+    assert dataset.classes == ("cat",) and dataset[0].boxes.tolist() == [[2, 2, 11, 11], [30, 20, 39, 29]]
+    again = pickle.loads(pickle.dumps(dataset))  # DataLoader workers
+    assert again[0].boxes.tolist() == dataset[0].boxes.tolist() and again.json_path == dataset.json_path
