@@ -148,3 +148,12 @@ def test_a_folder_without_results_files_is_refused(voc, tmp_path):
         read_detections(tmp_path, voc)
     with pytest.raises(DataError, match="no such"):
         read_detections(tmp_path / "nope", voc)
+
+
+def test_comp4_files_of_voc_ids_read_on_coco_data_of_the_same_images(voc, tmp_path):
+    dets = _dets(voc)
+    write_comp4(tmp_path / "results", "test", voc, dets)
+    coco = open_dataset(write_coco_json(voc.root / "test.json", voc))
+    assert [s.image_id for s in coco] == ["1", "2", "3"]  # COCO ids; the files name img1.. (the file stems)
+    back = read_comp4(tmp_path / "results", coco)
+    assert score_detections(coco, back, "voc07")["metrics"]["voc07"] == score_detections(voc, dets)["metrics"]["voc07"]

@@ -8,7 +8,8 @@
   ``_write_voc_results_file``): a line ``image_id score x1 y1 x2 y2`` per detection with **1-based** VOC
   pixel coordinates (0-based + 1). The reference writes ``{:.3f}`` scores and ``{:.1f}`` coordinates; here
   numbers are written at full precision (``repr``) so reading the files back gives the same AP as the
-  detections in memory. Readers accept any precision.
+  detections in memory. Readers accept any precision; on COCO data an image is named by its COCO id or by
+  its file name without extension (the VOC id of the same image).
 
 Readers return one :class:`~frcnn.model.detector.Detections` per image of the data set, in data set
 order, boxes 0-based (+1 convention), and refuse (one-line :class:`~frcnn.errors.DataError`) unknown
@@ -39,8 +40,17 @@ def _is_coco(dataset) -> bool:
     return hasattr(dataset, "coco_image_ids") and hasattr(dataset, "label_to_category")
 
 
-def _index(dataset) -> dict[str, int]:
-    return {dataset[i].image_id: i for i in range(len(dataset))}
+def _index(dataset, stems: bool = False) -> dict[str, int]:
+    """image id -> data set row; with ``stems``, also each image file's name without extension where that is
+    unique and not another image's id (so comp4 files written against the VOC ids of the same images read on
+    COCO data)."""
+    row = {dataset[i].image_id: i for i in range(len(dataset))}
+    if stems:
+        names: dict[str, list[int]] = {}
+        for i in range(len(dataset)):
+            names.setdefault(Path(dataset[i].path).stem, []).append(i)
+        row.update({stem: rows[0] for stem, rows in names.items() if len(rows) == 1 and stem not in row})
+    return row
 
 
 def _detections(boxes: list[list[list[float]]], scores: list[list[float]], labels: list[list[int]]) -> list[Detections]:
@@ -170,7 +180,7 @@ def read_comp4(folder_or_file: str | os.PathLike, dataset) -> list[Detections]:
     if not files:
         raise DataError(f"{folder}: no results files comp4_det_<split>_<class>.txt for classes "
                         f"{', '.join(dataset.classes)}")
-    row = _index(dataset)
+    row = _index(dataset, stems=_is_coco(dataset))
     n = len(dataset)
     boxes: list[list] = [[] for _ in range(n)]
     scores: list[list] = [[] for _ in range(n)]

@@ -77,7 +77,7 @@ def draw_pr_curves(curves: Mapping[str, Mapping[str, Any]], title: str = "") -> 
                 draw.line(to_px(rec, prec), fill=colour, width=2)
             for px, py in to_px(rec, prec)[-1:]:
                 draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        draw.text((x1 - 36, y1 + 12), "recall", fill=(90, 90, 90), font=small)
+        draw.text((x0 + 0.75 * (x1 - x0) - 15, y1 + 3), "recall", fill=(90, 90, 90), font=small)
     return image
 
 
