@@ -161,6 +161,9 @@ def test_unparsable_json_and_non_finite_numbers(tmp_path):
     path.write_text('{"images": [')
     with pytest.raises(DataError, match="not valid JSON"):
         open_dataset(path)
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match="nested too deeply"):
+        open_dataset(path)
     path.write_text(json.dumps(coco_doc()).replace("[1, 2, 10, 5]", "[1, 2, NaN, 5]"))
     with pytest.raises(DataError, match="non-finite"):
         open_dataset(path)
