@@ -16,7 +16,7 @@ from test_coco import coco_doc, write
 
 from frcnn.data import open_dataset
 from frcnn.engine.coco_eval import STAT_NAMES, coco_evaluate, coco_results
-from frcnn.engine.evaluate import score_detections
+from frcnn.engine.evaluate import format_table, score_detections
 from frcnn.errors import DataError
 from frcnn.model.detector import Detections
 
@@ -127,6 +127,9 @@ def test_coco_metric_in_score_detections_and_refused_on_voc(tmp_path):
     res = score_detections(ds, dets, metric=None)
     assert res["metric"] == "coco" and res["map"] == res["metrics"]["coco"]["stats"]["AP"]
     assert json.loads(json.dumps(res)) == res  # JSON-clean
+    table = format_table(res, all_metrics=True)
+    assert table.splitlines()[0].split() == ["class", "voc07", "voc2010", "coco", "AP", "coco", "AP50"]
+    assert "AR100" in table and "AP@[.50:.95] (coco)" in format_table(res)
     voc_like = score_detections(ds, dets, metric="voc2010")
     assert voc_like["map"] == res["metrics"]["voc2010"]["map"]
     from test_overfit import TinySet

@@ -241,7 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(ev.format_table(result))
+        print(ev.format_table(result, all_metrics=args.metric == "all"))
     for path in written:
         print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
     return 0

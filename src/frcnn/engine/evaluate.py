@@ -153,7 +153,11 @@ def _write_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def format_table(result: dict) -> str:
+def format_table(result: dict, all_metrics: bool = False) -> str:
+    """The selected metric per class and its mean (COCO: then pycocotools' twelve numbers); with
+    ``all_metrics``, one column per metric in ``result["metrics"]`` (COCO: AP@[.50:.95] and AP50)."""
+    if all_metrics and result.get("metrics"):
+        return _format_all(result)
     names = list(result["per_class"])
     width = max([len(n) for n in names] + [5])
     label = {"coco": "AP@[.50:.95] (coco)"}.get(result["metric"], f"AP ({result['metric']})")
@@ -165,4 +169,27 @@ def format_table(result: dict) -> str:
     if result["metric"] == "coco" and stats:
         lines.append("")
         lines += [f"{name:<6} {value:.4f}" if value >= 0 else f"{name:<6} n/a" for name, value in stats.items()]
+    return "\n".join(lines)
+
+
+def _format_all(result: dict) -> str:
+    metrics = result["metrics"]
+    columns = [(name, metrics[name]["per_class"], metrics[name]["map"]) for name in METRICS if name in metrics]
+    if "coco" in metrics:
+        coco = metrics["coco"]
+        columns += [("coco AP", coco["per_class"], coco["map"]),
+                    ("coco AP50", coco["per_class_ap50"], max(coco["stats"]["AP50"], 0.0))]
+    names = list(result["per_class"])
+    width = max([len(n) for n in names] + [5])
+
+    def cell(v: float | None) -> str:
+        return f"{'n/a':>10}" if v is None else f"{v:>10.4f}"
+
+    head = f"{'class':<{width}}" + "".join(f"{c[0]:>10}" for c in columns)
+    lines = [head, "-" * len(head)]
+    lines += [f"{n:<{width}}" + "".join(cell(c[1][n]) for c in columns) for n in names]
+    lines += ["-" * len(head), f"{'mean':<{width}}" + "".join(cell(c[2]) for c in columns)]
+    if "coco" in metrics:
+        stats = metrics["coco"]["stats"]
+        lines += ["", "  ".join(f"{k} {v:.4f}" if v >= 0 else f"{k} n/a" for k, v in stats.items())]
     return "\n".join(lines)
