@@ -187,3 +187,13 @@ def test_parse_classes(tmp_path):
         parse_classes("a,b,a")
     with pytest.raises(DataError, match="no class names"):
         parse_classes(" , ")
+
+
+def test_classes_can_refuse_other_classes_instead_of_dropping(tmp_path):
+    with pytest.raises(DataError, match="annotation id 3 has class 'dog', not one of cat, zero"):
+        open_dataset(write(tmp_path), classes=("cat", "zero"), drop_other_classes=False)
+    assert open_dataset(write(tmp_path), classes=("zero", "dog", "cat"), drop_other_classes=False).classes == \
+        ("zero", "dog", "cat")  # 'unused' has no boxes: nothing to refuse
+    make_shapes_dataset(tmp_path / "voc", num_trainval=6, num_test=1, image_size=(64, 64), seed=1)
+    with pytest.raises(DataError, match="unknown class"):
+        open_dataset(tmp_path / "voc", "trainval", classes=("star", "circle"), drop_other_classes=False)

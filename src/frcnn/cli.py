@@ -198,7 +198,10 @@ def _open_data(args: argparse.Namespace, split: str | None, classes: Sequence[st
 
     if classes is None and args.classes:
         classes = parse_classes(args.classes)
-    return open_dataset(args.data, split, classes=classes, images=args.images)
+    # classes the user chose drop the data's other boxes; classes of a checkpoint or a training set do not:
+    # there a box of another class is an error
+    return open_dataset(args.data, split, classes=classes, images=args.images,
+                        drop_other_classes=bool(args.classes))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

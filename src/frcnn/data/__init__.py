@@ -95,6 +95,8 @@ def open_dataset(
     split: str | None = None,
     classes: Sequence[str] | None = None,
     images: str | os.PathLike | None = None,
+    *,
+    drop_other_classes: bool = True,
 ):
     """Open ``--data``: a PASCAL VOC root or a COCO annotation JSON, detected from what ``path`` is.
 
@@ -107,8 +109,10 @@ def open_dataset(
       --val-split val`` reads ``coco/val.json``). Returns a :class:`~frcnn.data.coco.COCODataset`.
 
     ``classes`` (names; e.g. from :func:`parse_classes` or a checkpoint) fixes the order of the labels
-    (``classes[i]`` is label ``i + 1``) and drops every box of another class. Without it the classes are the
-    data's own (VOC: sorted names found in the split; COCO: all categories in id order).
+    (``classes[i]`` is label ``i + 1``) and drops every box of another class; with ``drop_other_classes=False``
+    a box of another class is a :class:`DataError` instead (evaluating a checkpoint on data it cannot know).
+    Without ``classes`` the classes are the data's own (VOC: sorted names found in the split; COCO: all
+    categories in id order).
 
     Every result has ``classes``, ``__len__``, ``__getitem__`` (a :class:`Sample`) and ``load_image``.
     Raises :class:`DataError` (one line) when ``path`` is neither, or for any problem in the data.
@@ -120,19 +124,20 @@ def open_dataset(
             raise DataError(f"--images is for COCO data; {path} is a VOC root (its images are in JPEGImages/)")
         if split is None:
             raise DataError(f"{path} is a VOC root: give --split (an image set in ImageSets/Main/)")
-        return _open_voc(path, split, classes)
+        return _open_voc(path, split, classes, drop_other_classes)
     if path.is_file():
         from frcnn.data.coco import COCODataset, is_coco_json
 
         if not is_coco_json(path):
             raise DataError(f"{path}: not a COCO annotation JSON (expected a .json file) nor a VOC root folder")
-        return COCODataset(_coco_json(path, split), images=images, classes=classes)
+        return COCODataset(_coco_json(path, split), images=images, classes=classes,
+                           drop_other_classes=drop_other_classes)
     if path.is_dir():
         raise DataError(f"{path}: neither a VOC root (no Annotations/ folder) nor a COCO annotation JSON")
     raise DataError(f"{path}: no such data folder or file")
 
 
-def _open_voc(root: Path, split: str, classes: tuple[str, ...] | None):
+def _open_voc(root: Path, split: str, classes: tuple[str, ...] | None, drop_other_classes: bool = True):
     from frcnn.data.voc import VOCDataset
 
     if classes is None:
@@ -140,6 +145,8 @@ def _open_voc(root: Path, split: str, classes: tuple[str, ...] | None):
     try:
         return VOCDataset(root, split, classes=classes)
     except DataError as strict:
+        if not drop_other_classes:
+            raise
         # The split may hold classes outside ``classes``: read it with all of its classes and drop those.
         try:
             full = VOCDataset(root, split)

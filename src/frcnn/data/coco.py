@@ -13,7 +13,8 @@ Policy choices:
 * Classes: by default every entry of ``categories``, in increasing category id (unused ids included: they are
   classes with no ground truth). ``classes[i]`` is label ``i + 1``; ``category_ids[i]`` its COCO id, so a
   category id 0 never collides with the background label 0. Ids may be non-contiguous. An explicit
-  ``classes`` list (category names) fixes the order; annotations of categories not in it are dropped.
+  ``classes`` list (category names) fixes the order; annotations of categories not in it are dropped (or,
+  with ``drop_other_classes=False``, refused).
 * ``iscrowd`` boxes are kept in the Sample with ``difficult = True``: training skips them and the VOC
   metrics ignore detections matching them; the COCO metric uses pycocotools' own crowd handling.
 * Images without annotations are kept (background examples).
@@ -199,6 +200,7 @@ class COCODataset:
         json_path: str | os.PathLike,
         images: str | os.PathLike | None = None,
         classes: Sequence[str] | None = None,
+        drop_other_classes: bool = True,
     ) -> None:
         from pycocotools.coco import COCO
 
@@ -241,8 +243,11 @@ class COCODataset:
             boxes, labels, crowd = [], [], []
             for ann in coco.imgToAnns.get(img["id"], []):
                 label = self.category_to_label.get(ann["category_id"])
-                if label is None:
-                    continue  # a category left out of ``classes``
+                if label is None:  # a category left out of ``classes``
+                    if drop_other_classes:
+                        continue
+                    raise DataError(f"{self.json_path}: annotation id {ann['id']} has class "
+                                    f"{cats[ann['category_id']]!r}, not one of {', '.join(self.classes)}")
                 boxes.append(_to_xyxy(ann["bbox"], img["width"], img["height"]))
                 labels.append(label)
                 crowd.append(bool(ann["iscrowd"]))
