@@ -447,10 +447,20 @@ def targets_stage(run: ExplainRun) -> Stage | None:
                  charts.hstack([left, right]))
 
 
-def _top_rois(run: ExplainRun) -> Tensor:
-    """Indices of the RoIs shown in stages 6 and 7: the proposals of highest RPN score (they are sorted)."""
-    rois = run.trace["roi_pooling"]["rois"]
-    return torch.arange(min(TOP_ROIS, rois.shape[0]))
+def top_rois(run: ExplainRun) -> Tensor:
+    """Indices of the RoIs shown in stages 6 and 7 (the same ones, numbered alike): by best class probability,
+    first the best RoI of each class, then the next best of any class, ``TOP_ROIS`` in all."""
+    probs = run.trace["classification"]["cls_prob"].cpu()
+    best, label = probs[:, 1:].max(dim=1)
+    order = torch.argsort(best, descending=True, stable=True).tolist()
+    chosen, seen = [], set()
+    for i in order:
+        if int(label[i]) not in seen:
+            seen.add(int(label[i]))
+            chosen.append(i)
+    chosen = chosen[:TOP_ROIS]
+    chosen += [i for i in order if i not in chosen][: TOP_ROIS - len(chosen)]
+    return torch.tensor(sorted(chosen, key=lambda i: -float(best[i])), dtype=torch.long)
 
 
 def _crop(run: ExplainRun, box: Tensor, side: int = 112) -> Image.Image:
@@ -463,7 +473,7 @@ def pooling_stage(run: ExplainRun) -> Stage:
     cfg = run.cfg
     rec = run.trace["roi_pooling"]
     rois, crops = rec["rois"].cpu(), rec["crops"].cpu()
-    idx = _top_rois(run)
+    idx = top_rois(run)
     summary = crops.mean(dim=1).numpy()  # channel mean per pooled cell
     lo, hi = (float(summary[idx].min()), float(summary[idx].max())) if len(idx) else (0.0, 1.0)
     side = 112
@@ -483,7 +493,8 @@ def pooling_stage(run: ExplainRun) -> Stage:
         _tag(d, (box[0], box[1]), str(n), (255, 225, 25))
     right = charts.vstack([*rows, charts.colorbar(lo, hi, "pooled feature map: mean over channels",
                                                   width=min(360, max(r.width for r in rows)))]) if rows else None
-    picture = charts.hstack([charts.label_above(overview, f"the top {len(idx)} RoIs"), right]) if right else overview
+    picture = charts.hstack([charts.label_above(overview, f"{len(idx)} RoIs (numbered as in stage 7)"), right]) \
+        if right else overview
     numbers = {
         "POOLING_MODE": rec["mode"],
         "POOLING_SIZE": rec["size"],
@@ -509,7 +520,7 @@ def classification_stage(run: ExplainRun) -> Stage:
     k1 = probs.shape[1]
     fg_best, fg_label = probs[:, 1:].max(dim=1)
     fg_label = fg_label + 1
-    idx = torch.argsort(fg_best, descending=True, stable=True)[:TOP_ROIS]
+    idx = top_rois(run)
     canvas = make_canvas(run)
     line = _line(canvas.image.width)
     img = canvas.image
@@ -538,7 +549,8 @@ def classification_stage(run: ExplainRun) -> Stage:
     argmax = probs.argmax(dim=1)
     legend = _class_legend(run, fg_label[idx].tolist(), img.width,
                            extra=[("RoI (white) -> refined box (class colour)", (255, 255, 255))])
-    left = charts.vstack([charts.label_above(img, f"top {len(idx)} RoIs by best class probability"), legend])
+    left = charts.vstack([charts.label_above(img, f"{len(idx)} RoIs: the best of each class, then the next best"),
+                          legend])
     picture = charts.hstack([left, charts.vstack(charts_rows)]) if charts_rows else left
     numbers = {
         "rois_classified": int(probs.shape[0]),
@@ -586,7 +598,8 @@ def class_nms_stage(run: ExplainRun, threshold: float) -> Stage:
             order = torch.argsort(s, stable=True)
             img = draw_boxes(canvas.image, canvas.from_original(run.to_original(b[order])),
                              [class_color(k)] * len(b), width=line)
-            pictures.append(charts.label_above(img, f"{_class_name(run, k)}: {len(b)} boxes drawn, {name} NMS"))
+            plural = "es" if len(b) != 1 else ""
+            pictures.append(charts.label_above(img, f"{_class_name(run, k)}: {len(b)} box{plural} drawn, {name} NMS"))
         rows.append(charts.hstack(pictures))
         per_class[_class_name(run, k)] = {
             "before_nms": int((pre["labels"] == k).sum()), "after_nms": int((final["labels"] == k).sum()),
