@@ -76,3 +76,15 @@ def test_a_folder_without_log_or_checkpoint_is_not_a_run(tmp_path, bad):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.jsonl").write_text(bad)
     assert main(["report", str(tmp_path / "run")]) == 2
+
+
+def test_a_demo_layout_finds_its_data_and_a_saved_evaluation_is_shown(tmp_path):
+    out = tmp_path / "demo"
+    run = _run(out / "model", snapshots=(3,))
+    (out / "metrics.json").write_text(json.dumps({"map": 0.25, "metric": "voc07",
+                                                  "per_class": {"circle": 0.5, "square": 0.0, "star": None}}))
+    page = write_report(run, progress=False).read_text()
+    assert "0.2500" in page and "n/a (no gt)" in page and "demo/metrics.json" in page  # saved, no data beside it
+    voc_folder(out / "data")  # frcnn demo's layout: OUT/model beside OUT/data
+    page = write_report(run, progress=False).read_text()
+    assert "map.png" in page and "test_images.png" in page

@@ -121,8 +121,21 @@ def ap_table(result: dict[str, Any]) -> str:
         f"margin-right:6px'></span>{html.escape(name)}</th>"
         f"<td class=num>{'n/a (no gt)' if ap is None else f'{ap:.4f}'}</td></tr>"
         for k, (name, ap) in enumerate(result["per_class"].items(), start=1))
-    return (f"<table class=numbers><tr><th>class</th><th>AP (VOC07)</th></tr>{rows}"
+    metric = html.escape(str(result.get("metric", "voc07")))
+    return (f"<table class=numbers><tr><th>class</th><th>AP ({metric})</th></tr>{rows}"
             f"<tr><th>mAP</th><td class=num>{result['map']:.4f}</td></tr></table>")
+
+
+def _saved_evaluation(run: Path) -> tuple[Path, dict[str, Any]] | None:
+    """An evaluation saved as JSON ``{"map", "per_class"}`` in the run or beside it (``frcnn demo``'s metrics.json)."""
+    for path in (run / "metrics.json", run.parent / "metrics.json"):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(result, dict) and isinstance(result.get("per_class"), dict) and "map" in result:
+            return path, result
+    return None
 
 
 def write_report(run: str | Path, out: str | Path | None = None, data: str | Path | None = None, split: str = "test",
@@ -136,6 +149,8 @@ def write_report(run: str | Path, out: str | Path | None = None, data: str | Pat
         raise DataError(f"{run}: not a training run (no {METRICS_FILE} and no checkpoint)")
     out = Path(out) if out is not None else run / "report"
     prepare_out(out, rewritable=True)
+    if data is None and (run.parent / "data" / "ImageSets" / "Main" / f"{split}.txt").is_file():
+        data = run.parent / "data"  # frcnn demo's layout: OUT/model (the run) beside OUT/data
     config = {}
     if (run / "config.yaml").is_file():
         config = yaml.safe_load((run / "config.yaml").read_text()) or {}
@@ -197,7 +212,11 @@ def write_report(run: str | Path, out: str | Path | None = None, data: str | Pat
         else:
             sections.append(Section("map", "Evaluation", "No snapshot to evaluate yet."))
     else:
-        sections.append(Section("map", "Evaluation", "No evaluation: pass --data VOC_ROOT --split NAME to evaluate "
-                                "the kept snapshots and draw test images."))
+        saved = _saved_evaluation(run)
+        text = ("No data set to evaluate on: pass --data VOC_ROOT --split NAME to evaluate the kept snapshots, "
+                "draw precision-recall curves and test images.")
+        if saved is not None:
+            text += f" Below: the evaluation saved in {saved[0]}."
+        sections.append(Section("map", "Evaluation", text, html_body=ap_table(saved[1]) if saved else ""))
     return write_page(out, f"frcnn report: {run.resolve().name}", [f"run {run}", f"{len(records)} logged iterations"],
                       sections)
