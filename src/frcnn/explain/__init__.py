@@ -48,6 +48,8 @@ def explain_image(model: FasterRCNN, cfg: Config, class_names: Sequence[str], im
 
     image_path = Path(image_path)
     image = open_image(image_path)
+    if Path(out).exists():
+        prepare_out(Path(out))  # refuse a folder in the way before the work, not after
     class_names = tuple(class_names)
     xml = Path(gt_path) if gt_path is not None else find_annotation(image_path)
     gt = read_ground_truth(xml, image_path, image, class_names) if xml is not None else None
