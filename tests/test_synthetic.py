@@ -38,8 +38,8 @@ def test_boxes_tightly_bound_the_drawn_pixels(seed):
         assert (pixels[obj.mask] == obj.color).all()
         assert not (taken & obj.mask).any()  # visible masks never overlap
         taken |= obj.mask
-        # not a speck: the shape is at least ~24 px across at 240 px (24 * 240 / 320 = 18, rotated a bit less)
-        assert x2 - x1 + 1 >= 12 and y2 - y1 + 1 >= 12
+        # not a speck: the shape is at least ~32 px across at 240 px (32 * 240 / 320 = 24, rotated a bit less)
+        assert x2 - x1 + 1 >= 16 and y2 - y1 + 1 >= 16
 
 
 def test_class_is_not_tied_to_colour():

@@ -1,7 +1,7 @@
 """The synthetic "shapes" data set of ``frcnn demo``, written to disk in the PASCAL VOC layout.
 
 Each image is a textured background (smooth random colour field, random lines, gaussian noise) with 1 to 5
-filled shapes: circles, squares, stars and triangles, in random colours, sizes (about 24..128 px across at
+filled shapes: circles, squares, stars and triangles, in random colours, sizes (about 32..128 px across at
 320 px, scaled with the image) and rotations. The class is the shape, never the colour. Shapes may overlap
 partly: the full boxes of any two shapes have IoU < 0.4 and every shape keeps at least 60% of its pixels
 visible.
@@ -35,10 +35,10 @@ __all__ = ["CLASSES", "MARKER", "Scene", "ShapeObject", "make_shapes_dataset", "
 CLASSES: tuple[str, ...] = ("circle", "square", "star", "triangle")  # sorted, as VOCDataset sorts them
 MARKER = ".frcnn-synthetic.json"
 GENERATOR = "frcnn synthetic shapes"
-VERSION = 1  # bump when the pictures change, so an old folder is not mistaken for a new one
+VERSION = 2  # bump when the pictures change, so an old folder is not mistaken for a new one
 
 _REFERENCE_SIDE = 320  # the sizes below are for a 320 px image and scale with min(H, W)
-_MIN_SIZE, _MAX_SIZE = 24.0, 128.0
+_MIN_SIZE, _MAX_SIZE = 32.0, 128.0
 _MAX_OBJECTS = 5
 _MAX_BOX_IOU = 0.4
 _MIN_VISIBLE = 0.6
