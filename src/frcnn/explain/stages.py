@@ -195,10 +195,11 @@ def preprocess_stage(run: ExplainRun) -> Stage:
         "PIXEL_STDS": list(cfg.PIXEL_STDS),
         "time_ms": _ms(run, "preprocess"),
     }
+    stds = " and the result divided by PIXEL_STDS" if any(v != 1 for v in cfg.PIXEL_STDS) else ""
     text = (f"The image is resized so that its short side is TEST.SCALES ({cfg.TEST.SCALES[0]} px) unless its "
             f"long side would then exceed TEST.MAX_SIZE ({cfg.TEST.MAX_SIZE} px); here by a scale factor of "
             f"{run.scale:.4g}. The mean pixel value PIXEL_MEANS (a configuration value, the same for every image) "
-            "is subtracted, exactly as in training. A batch pads images with zeros at the bottom and right "
+            f"is subtracted{stds}, exactly as in training. A batch pads images with zeros at the bottom and right "
             f"(here {W - w} x {H - h} px); every box the network finds is divided by the scale factor to land "
             "back on the original image.")
     return Stage("01_preprocess", "1. Image pre-processing", text, numbers, charts.hstack([original, seen]))

@@ -205,7 +205,7 @@ def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float], tup
     """Lines ``(name, xs, ys, colour)`` on shared axes with ticks, grid, axis labels and a legend."""
     f = font(size)
     pad = 8
-    left, right, top, bottom = 64, 16, (size + 2 * pad) if title else pad, size * 2 + 3 * pad
+    left, right, top, bottom = 64, 16, (size + 2 * pad) if title or ylabel else pad, size * 2 + 3 * pad
     legend_img = legend([(name, colour) for name, _, _, colour in series], width, size) if len(series) > 1 else None
     out = Image.new("RGB", (width, height), BACKGROUND)
     d = ImageDraw.Draw(out)
@@ -247,8 +247,8 @@ def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float], tup
     if xlabel:
         d.text((left + pw / 2 - text_width(xlabel, size) / 2, top + ph + size + 2 * pad - 2), xlabel, fill=INK,
                font=f)
-    if ylabel:  # inside the plot, top left
-        d.text((left + 6, top + 4), ylabel, fill=(90, 90, 90), font=f)
+    if ylabel:  # y axis name: on the title's line, right-aligned over the plot
+        d.text((left + pw - text_width(f"y: {ylabel}", size), pad), f"y: {ylabel}", fill=(90, 90, 90), font=f)
     for _, xs, ys, colour in series:
         pts = [px(float(x), tr(float(y))) for x, y in zip(xs, ys) if math.isfinite(y) and (y > 0 or not log_y)]
         if len(pts) > 1:
