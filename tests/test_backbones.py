@@ -175,3 +175,9 @@ def test_tiny_pretrained_head_loading(tmp_path):
     torch.save({"0.weight": torch.zeros(1)}, bad)
     with pytest.raises(CheckpointError):
         build_backbone(_cfg("tiny", f"PRETRAINED={bad}"))
+
+
+@pytest.mark.parametrize("stride", [4, 8, 16])
+def test_tiny_head_has_the_configured_stride(stride):
+    bb = build_backbone(_cfg("tiny", f"FEAT_STRIDE={stride}"))
+    assert bb.head(torch.zeros(1, 3, 64, 96)).shape == (1, 256, 64 // stride, 96 // stride)

@@ -210,3 +210,9 @@ def test_non_finite_numbers_are_refused(override):
 def test_fixed_blocks_out_of_range_is_refused(blocks):
     with pytest.raises(ConfigError, match="FIXED_BLOCKS"):
         load_config(None, [f"RESNET.FIXED_BLOCKS={blocks}"])
+
+
+@pytest.mark.parametrize("preset,stride", [("voc-r50-c4", 8), ("voc-vgg16", 32), ("demo-cpu", 32), ("demo-cpu", 12)])
+def test_feat_stride_the_backbone_cannot_give_is_refused(preset, stride):
+    with pytest.raises(ConfigError, match=f"FEAT_STRIDE={stride} is not one of"):
+        load_config(preset, [f"FEAT_STRIDE={stride}"])

@@ -111,6 +111,10 @@ class Config:
             raise ConfigError("PIXEL_MEANS and PIXEL_STDS need 3 values (R, G, B)")
         if not 0 < self.TRAIN.FG_FRACTION <= 1 or not 0 < self.TRAIN.RPN_FG_FRACTION <= 1:
             raise ConfigError("TRAIN.FG_FRACTION and TRAIN.RPN_FG_FRACTION must lie in (0, 1]")
+        strides = (4, 8, 16) if self.BACKBONE == "tiny" else (16,)
+        if self.FEAT_STRIDE not in strides:
+            raise ConfigError(f"FEAT_STRIDE={self.FEAT_STRIDE} is not one of {', '.join(map(str, strides))} "
+                              f"for BACKBONE={self.BACKBONE}")
         if not 0 <= self.RESNET.FIXED_BLOCKS <= 3:
             raise ConfigError(f"RESNET.FIXED_BLOCKS={self.RESNET.FIXED_BLOCKS} must lie in 0..3")
 
