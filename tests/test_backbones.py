@@ -19,7 +19,7 @@ def _cfg(backbone: str, *overrides: str):
 
 
 @pytest.mark.parametrize(
-    ("backbone", "head_c", "tail_c"), [("tiny", 256, 512), ("res50", 1024, 2048), ("res101", 1024, 2048)]
+    ("backbone", "head_c", "tail_c"), [("tiny", 128, 512), ("res50", 1024, 2048), ("res101", 1024, 2048)]
 )
 @torch.no_grad()
 def test_head_stride_16_and_tail_size(backbone, head_c, tail_c):
@@ -180,4 +180,4 @@ def test_tiny_pretrained_head_loading(tmp_path):
 @pytest.mark.parametrize("stride", [4, 8, 16])
 def test_tiny_head_has_the_configured_stride(stride):
     bb = build_backbone(_cfg("tiny", f"FEAT_STRIDE={stride}"))
-    assert bb.head(torch.zeros(1, 3, 64, 96)).shape == (1, 256, 64 // stride, 96 // stride)
+    assert bb.head(torch.zeros(1, 3, 64, 96)).shape == (1, 128, 64 // stride, 96 // stride)

@@ -50,7 +50,7 @@ def test_presets_load(name):
 
 def test_demo_cpu_preset_values():
     cfg = load_config("demo-cpu")
-    assert cfg.BACKBONE == "tiny" and cfg.POOLING_MODE == "align"
+    assert cfg.BACKBONE == "tiny" and cfg.POOLING_MODE == "align" and cfg.FEAT_STRIDE == 8
     assert cfg.TRAIN.SCALES == (320,) and cfg.TRAIN.RPN_BATCHSIZE == 128
     assert cfg.TEST.RPN_POST_NMS_TOP_N == 100
     assert cfg.TRAIN.RPN_POSITIVE_OVERLAP == 0.7  # untouched keys keep their defaults

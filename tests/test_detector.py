@@ -21,7 +21,8 @@ LABELS = [torch.tensor([1, 3]), torch.tensor([2])]
 
 
 def _cfg(*overrides: str):
-    return load_config("demo-cpu", ["DEVICE=cpu", *overrides])
+    # stride 16, as the write-up: the feature sizes and anchor counts below are worked out for it
+    return load_config("demo-cpu", ["DEVICE=cpu", "FEAT_STRIDE=16", *overrides])
 
 
 def _model(*overrides: str) -> FasterRCNN:
@@ -133,7 +134,7 @@ def test_eval_trace_stage_counts():
         assert (rois[sel, 3] <= w - 1).all() and (rois[sel, 4] <= h - 1).all()
     assert trace["proposal_layer"]["pre_nms_boxes"].shape[1] == min(test.RPN_PRE_NMS_TOP_N, fh * fw * 9)
     assert torch.equal(trace["roi_pooling"]["rois"], rois)  # inference pools every proposal
-    assert trace["roi_pooling"]["crops"].shape == (rois.shape[0], 256, 7, 7)
+    assert trace["roi_pooling"]["crops"].shape == (rois.shape[0], 128, 7, 7)
     assert trace["classification"]["cls_prob"].shape == (rois.shape[0], K + 1)
     final = trace["detections"]["final"]
     assert [f["boxes"].shape[0] for f in final] == [d.boxes.shape[0] for d in dets]

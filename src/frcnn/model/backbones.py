@@ -3,7 +3,7 @@
 ``res50`` / ``res101``: conv1..layer3 as head; layer4, with the stride of its first block set to 1 as the
 reference does, then a spatial mean, as tail (2048-d). ``vgg16``: conv1_1..conv5_3 without pool5 as head;
 fc6/fc7 as tail (4096-d). ``tiny``: a small conv net for CPU training from scratch (four stages of two
-3x3 conv+BN+ReLU, 32-64-128-256 channels, the first of each stage at stride 2 until ``FEAT_STRIDE`` is
+3x3 conv+BN+ReLU, 32-64-128-128 channels, the first of each stage at stride 2 until ``FEAT_STRIDE`` is
 reached: 16, 8 or 4; tail: two fully connected layers of 512), used by the ``demo-cpu`` preset.
 The big backbones give stride 16 only, and the config refuses another ``FEAT_STRIDE`` for them.
 
@@ -116,7 +116,7 @@ def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
 
 
 def _tiny(cfg: Config, load: bool) -> Backbone:
-    widths = (32, 64, 128, 256)
+    widths = (32, 64, 128, 128)
     downsampling = cfg.FEAT_STRIDE.bit_length() - 1  # stages that halve the resolution: 4 for stride 16
     layers: list[nn.Module] = []
     cin = 3
