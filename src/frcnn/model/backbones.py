@@ -2,10 +2,11 @@
 
 ``res50`` / ``res101``: conv1..layer3 as head; layer4, with the stride of its first block set to 1 as the
 reference does, then a spatial mean, as tail (2048-d). ``vgg16``: conv1_1..conv5_3 without pool5 as head;
-fc6/fc7 as tail (4096-d). ``tiny``: a small conv net for CPU training from scratch (four stages of two
-3x3 conv+BN+ReLU, 32-64-128-128 channels, the first of each stage at stride 2 until ``FEAT_STRIDE`` is
-reached: 16, 8 or 4; tail: two fully connected layers of 512), used by the ``demo-cpu`` preset.
-The big backbones give stride 16 only, and the config refuses another ``FEAT_STRIDE`` for them.
+fc6/fc7 as tail (4096-d). ``tiny``: a small conv net for CPU training from scratch (four stages of 3x3
+conv+BN+ReLU, one conv in the first and two in the others, 32-64-128-128 channels, the first conv of each
+stage at stride 2 until ``FEAT_STRIDE`` is reached: 16, 8 or 4; tail: two fully connected layers of 512),
+used by the ``demo-cpu`` preset. The big backbones give stride 16 only, and the config refuses another
+``FEAT_STRIDE`` for them.
 
 Starting from pretrained weights (``PRETRAINED``: a file holding a torchvision-style state dict, as
 ``.pth`` or ``.safetensors``), BatchNorm is frozen and the first blocks are fixed as in the reference
@@ -121,7 +122,9 @@ def _tiny(cfg: Config, load: bool) -> Backbone:
     layers: list[nn.Module] = []
     cin = 3
     for i, width in enumerate(widths):
-        layers += _conv_bn(cin, width, 2 if i < downsampling else 1) + _conv_bn(width, width, 1)
+        layers += _conv_bn(cin, width, 2 if i < downsampling else 1)
+        if i:  # the first stage, at half resolution, has one conv only: a second one would cost a seventh
+            layers += _conv_bn(width, width, 1)  # of the head's work for no measured gain
         cin = width
     head = nn.Sequential(*layers)
     size = cfg.POOLING_SIZE
