@@ -140,9 +140,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # CPU-sized: a small backbone trained from scratch at stride 8 (its shapes of 32 px would be 2 cells wide
     # at 16, and star/triangle, circle/square get confused), images of 320 px, anchors of 32..128 px.
-    # Measured on the demo's data, seed 0 (VOC07 mAP): stride 16, 2000 iterations, LR 0.02: 0.78 (LR 0.01: 0.83);
-    # stride 8: 0.87; stride 8, 2800 iterations: 0.90 but 10 min; 32 RoIs per image and one conv less in the
-    # first stage pay for 3200 iterations: `frcnn demo` 0.9015 in 8 min 11 s on 2 cores.
+    # 32 RoIs per image and a single conv in the backbone's first stage make room for 3200 iterations in the
+    # demo's time: `frcnn demo` (seed 0) VOC07 mAP 0.9015 in 8 min 11 s on 2 cores.
     "demo-cpu": {
         "BACKBONE": "tiny",
         "FEAT_STRIDE": 8,

@@ -123,8 +123,8 @@ def _tiny(cfg: Config, load: bool) -> Backbone:
     cin = 3
     for i, width in enumerate(widths):
         layers += _conv_bn(cin, width, 2 if i < downsampling else 1)
-        if i:  # the first stage, at half resolution, has one conv only: a second one would cost a seventh
-            layers += _conv_bn(width, width, 1)  # of the head's work for no measured gain
+        if i:  # one conv in the first stage: a second, at half resolution, is about a sixth of the head's work
+            layers += _conv_bn(width, width, 1)
         cin = width
     head = nn.Sequential(*layers)
     size = cfg.POOLING_SIZE
