@@ -61,6 +61,8 @@ class TrainConfig:
     RPN_NMS_THRESH: float = 0.7
     RPN_PRE_NMS_TOP_N: int = 12000
     RPN_POST_NMS_TOP_N: int = 2000
+    # mixed precision: none | fp16 (CUDA, with a GradScaler) | bf16 (see frcnn.engine.precision)
+    AMP: str = "none"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class TestConfig:
     RPN_POST_NMS_TOP_N: int = 300
     SCORE_THRESH: float = 0.0
     MAX_PER_IMAGE: int = 100
+    AMP: str = "none"  # none | fp16 | bf16: autocast around the model at inference
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,8 @@ class Config:
     def __post_init__(self) -> None:
         _check_choice("BACKBONE", self.BACKBONE, ("res50", "res101", "vgg16", "tiny"))
         _check_choice("POOLING_MODE", self.POOLING_MODE, ("crop", "align", "pool"))
+        _check_choice("TRAIN.AMP", self.TRAIN.AMP, AMP_MODES)
+        _check_choice("TEST.AMP", self.TEST.AMP, AMP_MODES)
         if len(self.PIXEL_MEANS) != 3 or len(self.PIXEL_STDS) != 3:
             raise ConfigError("PIXEL_MEANS and PIXEL_STDS need 3 values (R, G, B)")
         if not 0 < self.TRAIN.FG_FRACTION <= 1 or not 0 < self.TRAIN.RPN_FG_FRACTION <= 1:
@@ -117,6 +122,9 @@ class Config:
                               f"for BACKBONE={self.BACKBONE}")
         if not 0 <= self.RESNET.FIXED_BLOCKS <= 3:
             raise ConfigError(f"RESNET.FIXED_BLOCKS={self.RESNET.FIXED_BLOCKS} must lie in 0..3")
+
+
+AMP_MODES = ("none", "fp16", "bf16")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
