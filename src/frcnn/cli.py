@@ -35,6 +35,12 @@ def _add_data_args(p: argparse.ArgumentParser, what: str) -> None:
                         "boxes of other classes")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda[:N]",
+                   help="where to run the model (default auto: CUDA when this machine has it, else the CPU); "
+                        "the checkpoint's DEVICE, where it was trained, is not used")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frcnn", description="Faster R-CNN: train, evaluate, detect, explain.")
     parser.add_argument("--version", action="version", version=f"frcnn {__version__}")
@@ -97,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write metrics.json, pr_curves.png and a confusion summary (confusion.json/.txt) "
                         "into DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("detect", help="detect objects in images; write a drawn PNG and a JSON per image",
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", required=True, type=Path, help="folder for the results (existing files are kept)")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score to report (default 0.5)")
+    _add_device_arg(p)
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("explain", help="one image through every stage of the detector, as an HTML page of pictures",
@@ -119,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for the page (must be new or empty)")
     p.add_argument("--json", action="store_true", help="also write the numbers of every stage to DIR/explain.json")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score of the detections shown (default 0.5)")
+    _add_device_arg(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("report", help="an HTML page of a training run: losses, learning rate, AP, detections",
@@ -133,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=4, help="test images drawn with detections (default 4)")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score of the detections drawn")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_device_arg(p)
     p.set_defaults(func=cmd_report)
     return parser
 
@@ -206,6 +216,7 @@ def _open_data(args: argparse.Namespace, split: str | None, classes: Sequence[st
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from frcnn.engine import evaluate as ev
+    from frcnn.engine.checkpoint import choose_device
     from frcnn.engine.inference import Predictor
     from frcnn.engine.results_io import comp4_name, read_detections, write_coco_results, write_comp4
     from frcnn.errors import ConfigError, DataError
@@ -214,7 +225,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("give either --checkpoint (run a model) or --detections FILE (evaluate its detections)")
     if args.checkpoint is not None and args.classes:
         raise ConfigError("--classes is for --detections: a checkpoint has its own classes")
-    predictor = Predictor.from_checkpoint(args.checkpoint) if args.checkpoint is not None else None
+    device = choose_device(args.device, "--device")
+    predictor = Predictor.from_checkpoint(args.checkpoint, device) if args.checkpoint is not None else None
     dataset = _open_data(args, args.split, predictor.class_names if predictor else None)
     if args.metric == "coco" and not ev.is_coco(dataset):
         raise DataError(f"--metric coco needs COCO data (an annotation JSON); {args.data} is VOC: use voc07 or voc2010")
@@ -268,25 +280,28 @@ def _image_files(inputs: Sequence[Path]) -> list[Path]:
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
+    from frcnn.engine.checkpoint import choose_device
     from frcnn.engine.detect import detect_files
     from frcnn.engine.inference import Predictor
 
+    device = choose_device(args.device, "--device")
     files = _image_files(args.inputs)
-    predictor = Predictor.from_checkpoint(args.checkpoint)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device)
     for written in detect_files(predictor, files, args.out, args.threshold):
         print(written)
     return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from frcnn.engine.checkpoint import load_model
+    from frcnn.engine.checkpoint import choose_device, load_model
     from frcnn.explain import explain_image
 
+    device = choose_device(args.device, "--device")
     if not 0.0 <= args.threshold <= 1.0:
         from frcnn.errors import DataError
 
         raise DataError(f"--threshold {args.threshold}: must lie in [0, 1]")
-    model, ckpt = load_model(args.checkpoint)
+    model, ckpt = load_model(args.checkpoint, device)
     index = explain_image(model, ckpt.cfg, ckpt.class_names, args.image, args.out, gt_path=args.gt,
                           threshold=args.threshold, write_json=args.json, checkpoint=str(args.checkpoint))
     print(index)
@@ -296,10 +311,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from frcnn.engine.checkpoint import choose_device
     from frcnn.explain.report import write_report
 
+    device = choose_device(args.device, "--device")
     print(write_report(args.run, out=args.out, data=args.data, split=args.split, num_images=args.images,
-                       threshold=args.threshold, progress=not args.no_progress))
+                       threshold=args.threshold, progress=not args.no_progress, device=device))
     return 0
 
 

@@ -121,11 +121,40 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
     return Checkpoint(folder, cfg, classes, iteration, weights)
 
 
-def load_model(folder: str | Path, device: torch.device | str = "cpu", overrides: dict[str, Any] | None = None):
-    """Build the detector a checkpoint describes and load its weights: ``(model, checkpoint)``."""
+def choose_device(device: str | torch.device | None = None, what: str = "device") -> torch.device:
+    """The device to run a checkpoint on: ``None`` or ``"auto"`` is CUDA when this machine has it, else the
+    CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (or a :class:`torch.device`) as given.
+
+    Never the checkpoint's ``DEVICE``: where a model was trained is a fact about the run, not a requirement
+    of the checkpoint. A device this machine lacks is a one-line :class:`ConfigError`; ``what`` names the
+    setting in that line (e.g. ``"--device"``).
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what} {device}: not a device frcnn runs on; use auto, cpu, cuda or cuda:N")
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what} {device} but this machine has no CUDA device")
+        count = torch.cuda.device_count()
+        if (chosen.index or 0) >= count:
+            raise ConfigError(f"{what} {device} but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+    return chosen
+
+
+def load_model(folder: str | Path, device: str | torch.device | None = None,
+               overrides: dict[str, Any] | None = None):
+    """Build the detector a checkpoint describes and load its weights: ``(model, checkpoint)``, the model in
+    eval mode on ``device`` (see :func:`choose_device`: ``None`` is CUDA when there is one, else the CPU;
+    the checkpoint's ``DEVICE`` is not used)."""
     from frcnn.config import merge
     from frcnn.model.detector import FasterRCNN
 
+    device = choose_device(device)
     ckpt = read_checkpoint(folder)
     cfg = merge(ckpt.cfg, overrides or {})
     # the weights come from the checkpoint, never from the backbone file named at training time

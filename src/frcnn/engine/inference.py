@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from frcnn.boxes import clip_boxes, scale_boxes
-from frcnn.config import Config, resolve_device
+from frcnn.config import Config
 from frcnn.engine.checkpoint import load_model
+from frcnn.engine.precision import Precision
 from frcnn.model.detector import Detections, FasterRCNN
 from frcnn.model.trace import Trace
 from frcnn.transforms import batch_images, image_to_tensor, prep_image
@@ -25,13 +26,16 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None) -> Predictor:
-        model, ckpt = load_model(folder, "cpu")
-        device = torch.device(device) if device is not None else resolve_device(ckpt.cfg)
-        return cls(model.to(device), ckpt.cfg, ckpt.class_names)
+        """The checkpoint folder's detector on ``device``: ``None`` or ``"auto"`` is CUDA when this machine has
+        it, else the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given. The checkpoint's ``DEVICE`` (where it
+        was trained) is not used, so a model trained on CUDA runs on a CPU-only machine."""
+        model, ckpt = load_model(folder, device)
+        return cls(model, ckpt.cfg, ckpt.class_names)
 
     @torch.no_grad()
     def predict(self, images: Sequence[Image.Image], trace: Trace | None = None) -> list[Detections]:
-        """Detections of each image, boxes in that image's original pixels (+1 convention)."""
+        """Detections of each image, boxes in that image's original pixels (+1 convention), float32 whatever
+        ``TEST.AMP`` the model runs in (fp16 on a CPU is a ConfigError)."""
         cfg = self.cfg
         prepared = [prep_image(image_to_tensor(im).to(self.device), cfg.TEST.SCALES[0], cfg.TEST.MAX_SIZE,
                                cfg.PIXEL_MEANS, cfg.PIXEL_STDS) for im in images]
@@ -39,7 +43,8 @@ class Predictor:
         if trace is not None:
             trace.put("preprocess", scales=[p.scale for p in prepared],
                       original_sizes=[p.original_size for p in prepared], input=batch)
-        detections = self.model(batch, sizes.to(self.device), trace=trace)
+        with Precision(cfg.TEST.AMP, self.device, key="TEST.AMP").autocast():
+            detections = self.model(batch, sizes.to(self.device), trace=trace)
         out = []
         for p, d in zip(prepared, detections):
             h, w = p.original_size

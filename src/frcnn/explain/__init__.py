@@ -42,8 +42,10 @@ def write_explain(run: ExplainRun, out: Path, title: str, subtitle: Sequence[str
 
 def explain_image(model: FasterRCNN, cfg: Config, class_names: Sequence[str], image_path: Path, out: Path,
                   gt_path: Path | None = None, threshold: float = 0.5, write_json: bool = False,
-                  checkpoint: str = "") -> Path:
-    """Explain ``image_path``; ground truth from ``gt_path`` or, for an image of a VOC data set, its XML."""
+                  checkpoint: str = "", device: str | torch.device | None = None) -> Path:
+    """Explain ``image_path``; ground truth from ``gt_path`` or, for an image of a VOC data set, its XML.
+
+    ``device``: where the model runs (default: where its weights are; see :func:`run_traced`)."""
     from frcnn.engine.detect import open_image
 
     image_path = Path(image_path)
@@ -53,7 +55,7 @@ def explain_image(model: FasterRCNN, cfg: Config, class_names: Sequence[str], im
     class_names = tuple(class_names)
     xml = Path(gt_path) if gt_path is not None else find_annotation(image_path)
     gt = read_ground_truth(xml, image_path, image, class_names) if xml is not None else None
-    run = run_traced(model, cfg, class_names, image, gt)
+    run = run_traced(model, cfg, class_names, image, gt, device=device)
     device = next(model.parameters()).device
     subtitle = [f"image {image_path} ({image.width} x {image.height})",
                 f"checkpoint {checkpoint or '(in memory)'}; backbone {cfg.BACKBONE}, POOLING_MODE {cfg.POOLING_MODE}; "

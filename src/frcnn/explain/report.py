@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from frcnn.engine.checkpoint import META, latest_snapshot
+from frcnn.engine.checkpoint import META, choose_device, latest_snapshot
 from frcnn.errors import CheckpointError, DataError
 from frcnn.explain.page import Section, prepare_out, write_page
 from frcnn.viz import charts
@@ -68,17 +68,22 @@ def _checkpoints(run: Path) -> list[Path]:
     return snaps
 
 
-def evaluate_checkpoints(run: Path, data: Path, split: str, progress: bool) -> list[dict[str, Any]]:
-    """Evaluate each kept snapshot on ``data``/``split``: ``[{iteration, map, per_class, curves, predictor}]``."""
+def evaluate_checkpoints(run: Path, data: Path, split: str, progress: bool,
+                         device: str | torch.device | None = None) -> list[dict[str, Any]]:
+    """Evaluate each kept snapshot on ``data``/``split``: ``[{iteration, map, per_class, curves, predictor}]``.
+
+    ``device``: where the snapshots run (see :func:`frcnn.engine.checkpoint.choose_device`; default CUDA when
+    this machine has it, else the CPU), whatever device they were trained on."""
     from frcnn.data.voc import VOCDataset
     from frcnn.engine.evaluate import collect_detections, score_detections
     from frcnn.engine.inference import Predictor
     from frcnn.engine.voc_eval import eval_class
 
+    device = choose_device(device)
     results = []
     for folder in _checkpoints(run):
         try:
-            predictor = Predictor.from_checkpoint(folder)
+            predictor = Predictor.from_checkpoint(folder, device)
             iteration = json.loads((folder / META).read_text()).get("iteration", 0)
         except (CheckpointError, OSError, json.JSONDecodeError):
             continue  # pruned or half-written while we looked: a running training may do that
@@ -139,8 +144,13 @@ def _saved_evaluation(run: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def write_report(run: str | Path, out: str | Path | None = None, data: str | Path | None = None, split: str = "test",
-                 num_images: int = 4, threshold: float = 0.5, progress: bool = True) -> Path:
-    """Write the run's page into ``out`` (default ``RUN_DIR/report``); returns its ``index.html``."""
+                 num_images: int = 4, threshold: float = 0.5, progress: bool = True,
+                 device: str | torch.device | None = None) -> Path:
+    """Write the run's page into ``out`` (default ``RUN_DIR/report``); returns its ``index.html``.
+
+    ``device``: where the snapshots run when ``data`` is given (default CUDA when this machine has it, else the
+    CPU; the run's own ``DEVICE`` is not used)."""
+    device = choose_device(device)  # a device this machine lacks is refused before any work
     run = Path(run)
     if not run.is_dir():
         raise DataError(f"{run}: no such run folder")
@@ -177,7 +187,7 @@ def write_report(run: str | Path, out: str | Path | None = None, data: str | Pat
     else:
         sections.append(Section("losses", "Losses", "Nothing logged yet.", numbers=progress_numbers))
     if data is not None:
-        results = evaluate_checkpoints(run, Path(data), split, progress)
+        results = evaluate_checkpoints(run, Path(data), split, progress, device)
         if results:
             latest = results[-1]
             names = tuple(latest["dataset"].classes)

@@ -85,13 +85,19 @@ def read_ground_truth(xml_path: Path, image_path: Path, image: Image.Image,
 
 @torch.no_grad()
 def run_traced(model: FasterRCNN, cfg: Config, class_names: tuple[str, ...], image: Image.Image,
-               gt: GroundTruth | None = None, warmup: bool = True) -> ExplainRun:
+               gt: GroundTruth | None = None, warmup: bool = True,
+               device: str | torch.device | None = None) -> ExplainRun:
     """One traced inference of ``image`` (and, with ``gt``, the target layers too).
 
     ``warmup`` first runs the same image once without a trace, so the timings are not those of a cold start.
+    ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``; default: where the model's weights are) is
+    where it runs: the model is moved there in place, as :meth:`torch.nn.Module.to` does. The trace's tensors
+    stay on that device; the returned detections and ground truth are on the CPU.
     """
-    model.eval()
-    device = next(model.parameters()).device
+    from frcnn.engine.checkpoint import choose_device
+
+    device = next(model.parameters()).device if device is None else choose_device(device)
+    model.to(device).eval()
     if warmup:
         prepared = prep_image(image_to_tensor(image).to(device), cfg.TEST.SCALES[0], cfg.TEST.MAX_SIZE,
                               cfg.PIXEL_MEANS, cfg.PIXEL_STDS)
@@ -109,6 +115,7 @@ def run_traced(model: FasterRCNN, cfg: Config, class_names: tuple[str, ...], ima
     if gt is not None:
         gt_net = scale_boxes(gt.boxes.float(), prepared.scale).to(device)
         kwargs = {"gt_boxes": [gt_net], "gt_labels": [gt.labels.to(device)],
+                  # a CPU generator, as in training: the layers draw on it and move the indices to the device
                   "generator": torch.Generator().manual_seed(cfg.RNG_SEED)}
     det = model(batch, sizes.to(device), trace=trace, **kwargs)[0]
     h, w = prepared.original_size
