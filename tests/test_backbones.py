@@ -82,22 +82,46 @@ def r50_state():
     return net.state_dict()
 
 
+_RESNET_HEAD = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3"}
+
+
+def resnet_weights(bb) -> dict[str, torch.Tensor]:
+    """The ResNet backbone's head and layer4 tensors under torchvision's names (``head.6.0.conv1.weight`` is
+    ``layer3.0.conv1.weight``)."""
+    named = {}
+    for key, value in bb.head.state_dict().items():
+        index, rest = key.split(".", 1)
+        named[f"{_RESNET_HEAD[index]}.{rest}"] = value
+    for key, value in bb.tail[0].state_dict().items():
+        named[f"layer4.{key}"] = value
+    return named
+
+
+def assert_loaded(bb, state: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the file except the replaced classifier (fc) is in the backbone, equal, and nothing else."""
+    expected = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    got = resnet_weights(bb)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def save_state(state: dict[str, torch.Tensor], path) -> None:
+    if path.suffix == ".pth":
+        torch.save(state, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
 def test_res50_pretrained_loading_freezing(tmp_path, r50_state, fmt):
     path = tmp_path / f"r50.{fmt}"
-    if fmt == "pth":
-        torch.save(r50_state, path)
-    else:
-        save_file({k: v.contiguous() for k, v in r50_state.items()}, str(path))
+    save_state(r50_state, path)
+    assert not torch.equal(resnet_weights(build_backbone(_cfg("res50")))["layer3.5.conv3.weight"],
+                           r50_state["layer3.5.conv3.weight"])  # a fresh network differs from the file
     bb = build_backbone(_cfg("res50", f"PRETRAINED={path}", "RESNET.FIXED_BLOCKS=1"))
+    assert_loaded(bb, r50_state)  # all 318 tensors, the non-default BN statistics included
     head, layer4 = bb.head, bb.tail[0]
-    assert torch.equal(head[0].weight, r50_state["conv1.weight"])
-    assert torch.equal(head[1].running_mean, r50_state["bn1.running_mean"])
-    assert torch.equal(head[1].weight, r50_state["bn1.weight"])
-    assert torch.equal(head[6][5].conv3.weight, r50_state["layer3.5.conv3.weight"])
-    assert torch.equal(head[6][0].bn2.running_var, r50_state["layer3.0.bn2.running_var"])
-    assert torch.equal(layer4[2].conv2.weight, r50_state["layer4.2.conv2.weight"])
-    assert torch.equal(layer4[0].downsample[0].weight, r50_state["layer4.0.downsample.0.weight"])
     # BN frozen everywhere
     modules = list(head.modules()) + list(layer4.modules())
     assert not any(isinstance(m, nn.BatchNorm2d) for m in modules)
@@ -139,11 +163,38 @@ def test_non_tensor_pickle_raises(tmp_path):
         load_state_dict_file(path)
 
 
+def one_line_error(cfg) -> str:
+    with pytest.raises(CheckpointError) as info:
+        build_backbone(cfg)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
 def test_wrong_state_dict_raises(tmp_path):
     path = tmp_path / "wrong.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "features.0.weight": torch.zeros(1)}, path)
-    with pytest.raises(CheckpointError, match="does not match"):
-        build_backbone(_cfg("res50", f"PRETRAINED={path}"))
+    message = one_line_error(_cfg("res50", f"PRETRAINED={path}"))
+    assert message.startswith(f"PRETRAINED={path}: does not match ResNet (missing [")
+    assert "unexpected ['features.0.weight']" in message
+
+
+@pytest.mark.parametrize(("key", "shape"), [("conv1.weight", (64, 3, 5, 5)), ("layer3.5.bn3.running_var", (512,))])
+def test_res50_file_with_a_wrong_shape_is_one_line(tmp_path, r50_state, key, shape):
+    state = dict(r50_state)
+    state[key] = torch.zeros(shape)
+    path = tmp_path / "r50_bad.safetensors"
+    save_state(state, path)
+    message = one_line_error(_cfg("res50", f"PRETRAINED={path}"))
+    assert message.startswith(f"PRETRAINED={path}: does not match ResNet (size mismatch for {key}")
+
+
+def test_vgg16_weights_for_a_res50_are_one_line(tmp_path, vgg_pretrained_structure):
+    path = tmp_path / "vgg16.safetensors"
+    save_file({f"features.{k}": v.contiguous() for k, v in vgg_pretrained_structure.head.state_dict().items()},
+              str(path))
+    message = one_line_error(_cfg("res50", f"PRETRAINED={path}"))
+    assert message.startswith(f"PRETRAINED={path}: does not match ResNet (missing ['conv1.weight'")
 
 
 def test_nested_state_dict_key_accepted(tmp_path):
@@ -152,29 +203,32 @@ def test_nested_state_dict_key_accepted(tmp_path):
     assert torch.equal(load_state_dict_file(path)["w"], torch.ones(2))
 
 
-def test_res50_with_other_fc_size_loads_or_raises_checkpoint_error(tmp_path, r50_state):
+def test_res50_with_another_fc_size_loads_everything_but_the_classifier(tmp_path, r50_state):
+    # weights trained for 10 classes: the detector replaces fc, so the rest loads as it is
     state = dict(r50_state)
     state["fc.weight"], state["fc.bias"] = torch.zeros(10, 2048), torch.zeros(10)
     path = tmp_path / "r50_10cls.pth"
     torch.save(state, path)
-    try:
-        bb = build_backbone(_cfg("res50", f"PRETRAINED={path}"))
-    except CheckpointError:
-        return
-    assert torch.equal(bb.head[0].weight, r50_state["conv1.weight"])
+    assert_loaded(build_backbone(_cfg("res50", f"PRETRAINED={path}")), r50_state)
 
 
 def test_tiny_pretrained_head_loading(tmp_path):
     src = build_backbone(_cfg("tiny"))
+    with torch.no_grad():  # non-default BN statistics, so that loading them is visible
+        for m in src.head.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
     path = tmp_path / "tiny.safetensors"
     save_file(src.head.state_dict(), str(path))
-    bb = build_backbone(_cfg("tiny", f"PRETRAINED={path}"))
-    for (k, a), b in zip(src.head.state_dict().items(), bb.head.state_dict().values()):
-        assert torch.equal(a, b), k
+    expected = src.head.state_dict()
+    loaded = build_backbone(_cfg("tiny", f"PRETRAINED={path}")).head.state_dict()
+    assert sorted(loaded) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value), key
     bad = tmp_path / "bad.pth"
     torch.save({"0.weight": torch.zeros(1)}, bad)
-    with pytest.raises(CheckpointError):
-        build_backbone(_cfg("tiny", f"PRETRAINED={bad}"))
+    assert one_line_error(_cfg("tiny", f"PRETRAINED={bad}")) == f"PRETRAINED={bad}: not a tiny-backbone head state dict"
 
 
 @pytest.mark.parametrize("stride", [4, 8, 16])
