@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive
+from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive, upcast
 from frcnn.config import Config
 from frcnn.model.anchor_target import anchor_target_layer
 from frcnn.model.anchors import AnchorGenerator
@@ -78,7 +78,7 @@ class FasterRCNN(nn.Module):
                       stride=cfg.FEAT_STRIDE)
         with maybe_timed(trace, "rpn"):
             rpn_logits, rpn_deltas = self.rpn(features)
-            fg_scores = rpn_logits.detach().softmax(-1)[..., 1]
+            fg_scores = upcast(rpn_logits.detach()).softmax(-1)[..., 1]  # float32: ranks proposals for NMS
         if trace is not None:
             trace.put("rpn", fg_scores=fg_scores, deltas=rpn_deltas)
         stage = cfg.TRAIN if train else cfg.TEST
@@ -113,9 +113,13 @@ class FasterRCNN(nn.Module):
     def detect(
         self, rois: Tensor, cls_logits: Tensor, bbox_pred: Tensor, image_sizes: Tensor, trace: Trace | None = None
     ) -> list[Detections]:
-        """Class-specific decoding, clipping, score threshold, per-class NMS, at most MAX_PER_IMAGE."""
+        """Class-specific decoding, clipping, score threshold, per-class NMS, at most MAX_PER_IMAGE.
+
+        A float32 layer: half-precision logits and deltas (autocast) are upcast first, so the detections
+        (boxes and scores) are float32."""
         test = self.cfg.TEST
         k1 = self.num_classes + 1
+        cls_logits, bbox_pred = upcast(cls_logits), upcast(bbox_pred)
         probs = cls_logits.softmax(-1)
         stds = bbox_pred.new_tensor(self.cfg.TRAIN.BBOX_NORMALIZE_STDS).repeat(k1)
         means = bbox_pred.new_tensor(self.cfg.TRAIN.BBOX_NORMALIZE_MEANS).repeat(k1)

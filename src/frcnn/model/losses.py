@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from frcnn.boxes import upcast
+
 
 def smooth_l1(x: Tensor, sigma: float) -> Tensor:
     s2 = sigma * sigma
@@ -27,6 +29,7 @@ def rpn_loss(
     divided by each image's number of sampled anchors (the reference's ``bbox_outside_weights``), averaged
     over images.
     """
+    logits, deltas, targets = upcast(logits), upcast(deltas), upcast(targets)  # float32 under autocast
     valid = labels >= 0
     if valid.any():
         loss_cls = F.cross_entropy(logits[valid], labels[valid])
@@ -47,6 +50,7 @@ def fast_rcnn_loss(
     ``labels`` (R,) with 0 = background. Background RoIs contribute no box loss; the sum is divided by R
     (the reference's inside-weights mask and mean over RoIs).
     """
+    cls_logits, bbox_pred, targets = upcast(cls_logits), upcast(bbox_pred), upcast(targets)  # float32 (autocast)
     loss_cls = F.cross_entropy(cls_logits, labels)
     r = labels.shape[0]
     pred = bbox_pred.view(r, -1, 4)[torch.arange(r, device=labels.device), labels]
