@@ -6,6 +6,10 @@ leading dimensions where that makes sense, and works on whatever device its inpu
 
 Which coordinate space a box is in (original image pixels, network-input pixels after the resize,
 or feature-map cells) is the caller's business; the helpers at the bottom convert between them.
+
+Precision: box coding, IoU and clipping compute in (at least) float32, also under ``torch.autocast``: a
+half-precision input (bfloat16/float16 deltas from an autocast conv) is upcast first (:func:`upcast`), and
+none of their ops is one autocast lowers, so their outputs are float32 (float64 inputs stay float64).
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ from torch import Tensor
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
 
+def upcast(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is half precision (bfloat16 or float16, as conv outputs under autocast), else ``t``.
+
+    bfloat16 keeps 8 significant bits: a coordinate near 300 would be off by up to a pixel and ``exp`` of a
+    log-size change by 0.4%, so the float32 layers (box math, losses, post-processing) call this on entry.
+    """
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def box_area(boxes: Tensor) -> Tensor:
     """Area in pixels under the +1 convention, shape ``boxes.shape[:-1]``."""
     return (boxes[..., 2] - boxes[..., 0] + 1) * (boxes[..., 3] - boxes[..., 1] + 1)
@@ -31,6 +44,7 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     Under the +1 convention a box ``[0, 0, 9, 9]`` is 10x10 pixels, so
     ``box_iou([0,0,9,9], [5,0,14,9]) == 1/3``. This is the reference's ``bbox_overlaps``.
     """
+    a, b = upcast(a), upcast(b)
     area_a = box_area(a)
     area_b = box_area(b)
     lt = torch.maximum(a[:, None, :2], b[None, :, :2])
@@ -52,6 +66,7 @@ def bbox_transform(ex_rois: Tensor, gt_rois: Tensor) -> Tensor:
     ``dx = (gx - px) / pw``, ``dy = (gy - py) / ph``, ``dw = log(gw / pw)``, ``dh = log(gh / ph)``
     with ``w = x2 - x1 + 1`` and centre ``x1 + 0.5 w`` (the reference's formulas, R-CNN appendix C).
     """
+    ex_rois, gt_rois = upcast(ex_rois), upcast(gt_rois)
     ex_cx, ex_cy, ex_w, ex_h = _centre_size(ex_rois)
     gt_cx, gt_cy, gt_w, gt_h = _centre_size(gt_rois)
     return torch.stack(
@@ -69,6 +84,7 @@ def bbox_transform_inv(boxes: Tensor, deltas: Tensor) -> Tensor:
     ``(0, 0, 15, 15)`` with zero deltas). Here ``x2 = cx + 0.5 w - 1``, so decoding an encoding gives
     back the same box, to the pixel.
     """
+    boxes, deltas = upcast(boxes), upcast(deltas)
     cx, cy, w, h = (t.unsqueeze(-1) for t in _centre_size(boxes))
     dx, dy = deltas[..., 0::4], deltas[..., 1::4]
     dw = deltas[..., 2::4].clamp(max=BBOX_XFORM_CLIP)
@@ -81,6 +97,7 @@ def bbox_transform_inv(boxes: Tensor, deltas: Tensor) -> Tensor:
 
 def clip_boxes(boxes: Tensor, height: float | Tensor, width: float | Tensor) -> Tensor:
     """Clip (..., 4k) boxes to an image of ``height`` x ``width`` pixels: ``0 <= x <= width - 1``."""
+    boxes = upcast(boxes)
     x = boxes[..., 0::2].clamp(min=0)
     y = boxes[..., 1::2].clamp(min=0)
     x = torch.minimum(x, torch.as_tensor(width, dtype=boxes.dtype, device=boxes.device) - 1)

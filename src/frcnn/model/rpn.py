@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import nms
 
-from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive
+from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive, upcast
 from frcnn.model.trace import Trace
 
 
@@ -56,7 +56,10 @@ def proposal_layer(
 
     ``fg_scores`` (N, M), ``deltas`` (N, M, 4), ``anchors`` (M, 4), ``image_sizes`` (N, 2) as (h, w).
     Returns ``rois`` (R, 5) as ``[batch_index, x1, y1, x2, y2]`` grouped by image, and their scores (R,).
+    A float32 layer: half-precision scores and deltas (autocast) are upcast, so the decoding, the top-k and
+    the NMS inputs, and the returned rois and scores, are float32.
     """
+    fg_scores, deltas = upcast(fg_scores), upcast(deltas)
     n, m = fg_scores.shape
     sizes = image_sizes.to(deltas.dtype)
     boxes = bbox_transform_inv(anchors.unsqueeze(0), deltas)

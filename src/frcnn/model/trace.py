@@ -55,8 +55,8 @@ class Trace:
 
 
 def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
+    if isinstance(value, torch.Tensor):  # half precision (autocast) stored as float32, for numpy and charts
+        return value.detach().float() if value.dtype in (torch.bfloat16, torch.float16) else value.detach()
     if isinstance(value, list):
         return [_detach(v) for v in value]
     if isinstance(value, tuple):
