@@ -11,6 +11,7 @@ from PIL import Image
 from frcnn.boxes import clip_boxes, scale_boxes
 from frcnn.config import Config
 from frcnn.engine.checkpoint import load_model
+from frcnn.engine.precision import Precision
 from frcnn.model.detector import Detections, FasterRCNN
 from frcnn.model.trace import Trace
 from frcnn.transforms import batch_images, image_to_tensor, prep_image
@@ -33,7 +34,8 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, images: Sequence[Image.Image], trace: Trace | None = None) -> list[Detections]:
-        """Detections of each image, boxes in that image's original pixels (+1 convention)."""
+        """Detections of each image, boxes in that image's original pixels (+1 convention), float32 whatever
+        ``TEST.AMP`` the model runs in (fp16 on a CPU is a ConfigError)."""
         cfg = self.cfg
         prepared = [prep_image(image_to_tensor(im).to(self.device), cfg.TEST.SCALES[0], cfg.TEST.MAX_SIZE,
                                cfg.PIXEL_MEANS, cfg.PIXEL_STDS) for im in images]
@@ -41,7 +43,8 @@ class Predictor:
         if trace is not None:
             trace.put("preprocess", scales=[p.scale for p in prepared],
                       original_sizes=[p.original_size for p in prepared], input=batch)
-        detections = self.model(batch, sizes.to(self.device), trace=trace)
+        with Precision(cfg.TEST.AMP, self.device, key="TEST.AMP").autocast():
+            detections = self.model(batch, sizes.to(self.device), trace=trace)
         out = []
         for p, d in zip(prepared, detections):
             h, w = p.original_size
