@@ -77,8 +77,8 @@ def test_train_batch_of_two_sizes_and_reproducible():
         assert int((labels[i] == 1).sum()) <= cfg.RPN_FG_FRACTION * cfg.RPN_BATCHSIZE
         assert (labels[i, ~inside[i]] == -1).all()
     pt = trace["proposal_target"]
-    assert pt["rois"].shape[0] == cfg.BATCH_SIZE
-    assert int((pt["rois"][:, 0] == 1).sum()) == cfg.BATCH_SIZE // 2
+    assert pt["rois"].shape[0] == 2 * cfg.BATCH_SIZE  # BATCH_SIZE RoIs per image
+    assert int((pt["rois"][:, 0] == 1).sum()) == cfg.BATCH_SIZE
     assert (pt["labels"] >= 0).all() and (pt["labels"] <= K).all()
     assert torch.equal(trace["roi_pooling"]["rois"], pt["rois"])  # training pools the sampled RoIs
     assert trace["proposal_layer"]["post_nms_top_n"] == cfg.RPN_POST_NMS_TOP_N

@@ -119,17 +119,19 @@ def test_image_without_gt_all_background():
     assert (labels == 0).all() and (targets == 0).all()
 
 
-def test_two_images_split_the_batch_and_use_their_own_gts():
+def test_two_images_each_get_batch_size_rois_from_their_own_gts():
+    """TRAIN.BATCH_SIZE is per image (the reference's minibatch is one image), so an image samples the same
+    number of RoIs whether it shares its batch (or its process) with others or not."""
     gts1 = torch.tensor([[30.0, 40, 129, 119]])
     rois = torch.cat((_proposals(GTS, 1000, 4, 0), _proposals(gts1, 1000, 5, 1)))
     trace = Trace()
     out_rois, labels, targets = _run(rois, [GTS, gts1], [GT_LABELS, torch.tensor([5])], trace=trace)
-    assert out_rois.shape[0] == 128
+    assert out_rois.shape[0] == 2 * 128
     for i, (gts, n_cls) in enumerate(((GTS, {3, 7}), (gts1, {5}))):
         sel = out_rois[:, 0] == i
-        assert int(sel.sum()) == 64
+        assert int(sel.sum()) == 128
         fg = sel & (labels > 0)
-        assert int(fg.sum()) == 16
+        assert int(fg.sum()) == 32
         assert set(labels[fg].tolist()) <= n_cls
         decoded = bbox_transform_inv(out_rois[fg, 1:], targets[fg] * STDS)
         assert (box_iou(decoded, gts).max(1).values > 0.999).all()

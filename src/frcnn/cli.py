@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -328,16 +329,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Under ``torchrun`` every process runs it; process 0 alone prints (errors included),
+    and every process exits non-zero when the command fails."""
+    from frcnn.engine.distributed import env_rank, teardown
+
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
+    main_process = env_rank() == 0
+    if not main_process:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the other processes print nothing
     try:
         code = args.func(args)
     except FrcnnError as e:
-        print(f"frcnn {args.command}: error: {e}", file=sys.stderr)
+        if main_process:
+            print(f"frcnn {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"frcnn {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        teardown()
     if args.command in ("demo", "train"):
         print(f"done in {time.perf_counter() - started:.0f} s")
     return code

@@ -41,10 +41,13 @@ class TrainConfig:
     # input
     SCALES: tuple[int, ...] = (600,)
     MAX_SIZE: int = 1000
-    IMS_PER_BATCH: int = 1
+    IMS_PER_BATCH: int = 1  # images per process; the global batch is WORLD_SIZE x this
     USE_FLIPPED: bool = True
+    # distributed training (torchrun): SyncBatchNorm for BatchNorm that trains; linear LR scaling rule
+    SYNC_BN: bool = False
+    LR_SCALING: str = "none"  # none | linear: LEARNING_RATE x the number of processes
     # proposal target layer
-    BATCH_SIZE: int = 128
+    BATCH_SIZE: int = 128  # RoIs per image
     FG_FRACTION: float = 0.25
     FG_THRESH: float = 0.5
     BG_THRESH_HI: float = 0.5
@@ -106,11 +109,17 @@ class Config:
     RNG_SEED: int = 3
     DEVICE: str = "auto"  # auto | cpu | cuda | cuda:N
     NUM_WORKERS: int = 0
+    DIST_BACKEND: str = "auto"  # auto (nccl on CUDA, gloo on the CPU) | nccl | gloo
 
     def __post_init__(self) -> None:
         _check_choice("BACKBONE", self.BACKBONE, ("res50", "res101", "vgg16", "tiny"))
         _check_choice("POOLING_MODE", self.POOLING_MODE, ("crop", "align", "pool"))
         _check_choice("TRAIN.AMP", self.TRAIN.AMP, AMP_MODES)
+        _check_choice("TRAIN.LR_SCALING", self.TRAIN.LR_SCALING, ("none", "linear"))
+        _check_choice("DIST_BACKEND", self.DIST_BACKEND, ("auto", "nccl", "gloo"))
+        for key in ("IMS_PER_BATCH", "BATCH_SIZE", "RPN_BATCHSIZE", "MAX_ITERS", "DISPLAY", "SNAPSHOT_ITERS"):
+            if getattr(self.TRAIN, key) < 1:
+                raise ConfigError(f"TRAIN.{key}={getattr(self.TRAIN, key)} must be at least 1")
         _check_choice("TEST.AMP", self.TEST.AMP, AMP_MODES)
         if len(self.PIXEL_MEANS) != 3 or len(self.PIXEL_STDS) != 3:
             raise ConfigError("PIXEL_MEANS and PIXEL_STDS need 3 values (R, G, B)")

@@ -2,9 +2,15 @@
 
 Like the reference, the training set is doubled with mirrored copies when ``TRAIN.USE_FLIPPED`` and
 visited in a fresh random order every epoch; each batch picks one of ``TRAIN.SCALES`` at random. Here
-the order of epoch ``e`` and everything random in iteration ``i`` (scale, the anchor and RoI sampling of
-the layers, dropout) come from generators seeded by ``(seed, e)`` and ``(seed, i)``, so iteration ``i``
-is the same whether the run started at 0 or resumed at ``i``: ``--resume`` needs no RNG state.
+the order of epoch ``e`` and everything random in iteration ``i`` (scale, dropout) come from generators
+seeded by ``(seed, e)`` and ``(seed, i)``, and the anchor and RoI sampling of the image at position ``p``
+of the batch from ``(seed, i, p)``, so iteration ``i`` is the same whether the run started at 0 or
+resumed at ``i``: ``--resume`` needs no RNG state.
+
+With several processes (``world_size``), iteration ``i``'s global batch is ``world_size x IMS_PER_BATCH``
+images, positions ``0 .. world_size * IMS_PER_BATCH - 1`` of the same pure function of ``(seed, i)``;
+process ``rank`` takes positions ``rank * IMS_PER_BATCH ..``. Each image is sampled by its global
+position, so the split across processes changes nothing but which process computes what.
 """
 
 from __future__ import annotations
@@ -37,6 +43,13 @@ def iteration_seed(seed: int, iteration: int) -> int:
     return (x * 0x94D049BB133111EB % (1 << 64)) >> 1
 
 
+def image_seed(seed: int, iteration: int, position: int) -> int:
+    """The sampling seed of the image at ``position`` in iteration ``iteration``'s global batch (position 0
+    keeps the iteration's own seed, so one-image batches sample as they always have)."""
+    it = iteration_seed(seed, iteration)
+    return it if position == 0 else iteration_seed(it, position)
+
+
 @dataclass
 class Batch:
     images: Tensor  # (N, 3, H, W) pre-processed
@@ -44,16 +57,24 @@ class Batch:
     gt_boxes: list[Tensor]  # network-input pixels, non-difficult boxes only
     gt_labels: list[Tensor]
     image_ids: list[str]
-    seed: int  # seeds the layers' sampling generator for this iteration
+    seed: int  # the iteration's seed (dropout)
+    image_seeds: list[int]  # seeds each image's anchor and RoI sampling
+
+    def generators(self) -> list[torch.Generator]:
+        """One sampling generator per image. They are CPU generators whatever the model's device: the layers
+        draw indices on the CPU and move them, so CPU and CUDA runs sample the same anchors and RoIs."""
+        return [torch.Generator().manual_seed(s) for s in self.image_seeds]
 
 
 class TrainBatches(torch.utils.data.Dataset):
     """``batches[i]`` is the batch of iteration ``i`` (usable with a DataLoader and worker processes)."""
 
-    def __init__(self, dataset: DetectionDataset, cfg: Config):
+    def __init__(self, dataset: DetectionDataset, cfg: Config, rank: int = 0, world_size: int = 1):
         if len(dataset) == 0:
             raise ValueError("the training set has no images")
-        self.dataset, self.cfg = dataset, cfg
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        self.dataset, self.cfg, self.rank, self.world_size = dataset, cfg, rank, world_size
         self.copies = 2 if cfg.TRAIN.USE_FLIPPED else 1
         self._perm_cache: tuple[int, Tensor] | None = None
 
@@ -66,13 +87,19 @@ class TrainBatches(torch.utils.data.Dataset):
             self._perm_cache = (epoch, torch.randperm(len(self.dataset) * self.copies, generator=g))
         return self._perm_cache[1]
 
+    def positions(self) -> range:
+        """This process's positions in the global batch."""
+        per = self.cfg.TRAIN.IMS_PER_BATCH
+        return range(self.rank * per, (self.rank + 1) * per)
+
     def entries(self, iteration: int) -> list[tuple[int, bool]]:
-        """(dataset index, flipped) of each image of iteration ``iteration``."""
-        n, per = len(self.dataset), self.cfg.TRAIN.IMS_PER_BATCH
+        """(dataset index, flipped) of each of this process's images of iteration ``iteration``."""
+        n = len(self.dataset)
         total = n * self.copies
+        size = self.world_size * self.cfg.TRAIN.IMS_PER_BATCH  # the global batch
         out = []
-        for k in range(iteration * per, (iteration + 1) * per):
-            epoch, pos = divmod(k, total)
+        for p in self.positions():
+            epoch, pos = divmod(iteration * size + p, total)
             entry = int(self._perm(epoch)[pos])
             out.append((entry % n, entry >= n))
         return out
@@ -96,4 +123,5 @@ class TrainBatches(torch.utils.data.Dataset):
             labels.append(sample.labels[keep])
             ids.append(sample.image_id + (" (flipped)" if flipped else ""))
         images, sizes = batch_images(tensors)
-        return Batch(images, sizes, boxes, labels, ids, seed)
+        seeds = [image_seed(cfg.RNG_SEED, iteration, p) for p in self.positions()]
+        return Batch(images, sizes, boxes, labels, ids, seed, seeds)

@@ -42,13 +42,15 @@ def save_checkpoint(
     class_names: list[str] | tuple[str, ...],
     iteration: int,
     optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
+    """Write a checkpoint folder; ``extra`` (JSON values) goes into ``meta.json`` beside the class names."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     _atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "frcnn"}))
     _atomic_write(folder / CONFIG, lambda p: p.write_text(dump_yaml(cfg)))
     meta = {"format": "frcnn-checkpoint", "version": __version__, "classes": list(class_names),
-            "iteration": iteration}
+            "iteration": iteration, **(extra or {})}
     if optimizer is not None:
         buffers = {
             str(i): s["momentum_buffer"].detach().contiguous().cpu()
@@ -68,14 +70,30 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]
 
     def load_optimizer_into(self, optimizer: torch.optim.Optimizer) -> None:
-        path = self.folder / OPTIMIZER
-        if not path.is_file():
-            raise CheckpointError(f"{self.folder}: no {OPTIMIZER} to resume from")
-        buffers = load_file(str(path))
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        for key, buf in buffers.items():
-            p = params[int(key)]
-            optimizer.state[p]["momentum_buffer"] = buf.to(p.device)
+        load_momentum(optimizer, read_momentum(self.folder), self.folder)
+
+
+def read_momentum(folder: Path) -> dict[str, torch.Tensor]:
+    """The SGD momentum buffers of a snapshot, keyed by the parameter's position in the optimizer."""
+    path = folder / OPTIMIZER
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: no {OPTIMIZER} to resume from")
+    _refuse_pickle(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable optimizer state ({e})") from None
+
+
+def load_momentum(optimizer: torch.optim.Optimizer, buffers: dict[str, torch.Tensor], folder: Path) -> None:
+    """Put momentum buffers back, each checked against its parameter's position and shape."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for key, buf in buffers.items():
+        index = int(key) if key.isdigit() else -1
+        if not 0 <= index < len(params) or params[index].shape != buf.shape:
+            raise CheckpointError(f"{folder / OPTIMIZER}: momentum buffer {key} does not fit the model's "
+                                  f"{len(params)} parameters (another backbone or class count?)")
+        optimizer.state[params[index]]["momentum_buffer"] = buf.to(params[index].device)
 
 
 PICKLE_SUFFIXES = {".pth", ".pt", ".pkl", ".pickle", ".ckpt", ".bin", ".tar"}

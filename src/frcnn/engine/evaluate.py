@@ -41,7 +41,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from frcnn.engine import distributed as dist
 from frcnn.engine.batches import DetectionDataset
+from frcnn.engine.distributed import World
 from frcnn.engine.inference import Predictor
 from frcnn.engine.voc_eval import eval_class, voc_ap
 from frcnn.errors import DataError
@@ -61,13 +63,27 @@ def default_metric(dataset: DetectionDataset) -> str:
     return "coco" if is_coco(dataset) else "voc07"
 
 
-def collect_detections(predictor: Predictor, dataset: DetectionDataset, progress: bool = True) -> list[Detections]:
-    """Detections of every image of ``dataset``, in original image pixels, in dataset order."""
+def collect_detections(predictor: Predictor, dataset: DetectionDataset, progress: bool = True,
+                       world: World | None = None) -> list[Detections] | None:
+    """Detections of every image of ``dataset``, in original image pixels, in dataset order.
+
+    With a distributed ``world`` each process detects every ``world.size``-th image and process 0 gathers
+    them into dataset order (the same list one process makes); the other processes get ``None``."""
+    world = world or World()
+    indices = dist.shard(world, len(dataset))
     out = []
-    for i in tqdm(range(len(dataset)), desc="detect", unit="img", disable=not progress, dynamic_ncols=True):
+    for i in tqdm(indices, desc="detect", unit="img", disable=not (progress and world.is_main), dynamic_ncols=True):
         sample = dataset[i]
         out.append(predictor.predict([dataset.load_image(sample)])[0])
-    return out
+    if not world.distributed:
+        return out
+    parts = dist.gather(world, out, "gathering the detections")
+    if parts is None:
+        return None
+    ordered: list[Detections] = [None] * len(dataset)  # type: ignore[list-item]
+    for rank, part in enumerate(parts):
+        ordered[rank::world.size] = part
+    return ordered
 
 
 def voc_class_results(dataset: DetectionDataset, detections: list[Detections]) -> dict[str, dict[str, Any]]:

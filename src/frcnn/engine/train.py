@@ -13,6 +13,13 @@ training lines); the full result (see :mod:`frcnn.engine.evaluate`) and its PR c
 go to ``<out>/eval/``. Validation changes nothing in training: no gradient, BatchNorm statistics and
 dropout frozen, its sampling seeded on its own and the global RNG state restored, so weights after N
 iterations are the same with and without it.
+
+Distributed (``torchrun``, see :mod:`frcnn.engine.distributed`): every process trains a DistributedDataParallel
+copy on its ``TRAIN.IMS_PER_BATCH`` images of the iteration's global batch (:mod:`frcnn.engine.batches`); the
+losses are means over images, so DDP's gradient average is the gradient of the whole global batch and N
+processes train the weights one process would with N times the images. Process 0 alone writes ``--out``
+(metrics, snapshots, the published checkpoint, evaluations, TensorBoard) and shows the progress bar; logged
+losses are averaged over the processes; validation shards the images across them.
 """
 
 from __future__ import annotations
@@ -28,17 +35,22 @@ import torch
 from tqdm import tqdm
 
 from frcnn.boxes import scale_boxes
-from frcnn.config import Config, TrainConfig, dump_yaml, resolve_device
-from frcnn.engine.batches import DetectionDataset, TrainBatches, iteration_seed
+from frcnn.config import Config, TrainConfig, dump_yaml
+from frcnn.engine import distributed as dist
+from frcnn.engine.batches import Batch, DetectionDataset, TrainBatches, iteration_seed
 from frcnn.engine.checkpoint import (
     CONFIG,
     META,
     WEIGHTS,
     latest_snapshot,
+    load_momentum,
     prune_snapshots,
     read_checkpoint,
+    read_momentum,
     save_checkpoint,
 )
+from frcnn.engine.precision import Precision
+from frcnn.engine.tensorboard import TensorBoardLog, validation_images
 from frcnn.errors import FrcnnError
 from frcnn.model.detector import FasterRCNN
 from frcnn.transforms import image_to_tensor, prep_image
@@ -51,8 +63,12 @@ class TrainingError(FrcnnError):
     """Training cannot go on (a non-finite loss, an output folder in the way, nothing to resume)."""
 
 
-def learning_rate(train: TrainConfig, iteration: int) -> float:
-    lr = train.LEARNING_RATE * train.GAMMA ** sum(iteration >= s for s in train.STEPSIZE)
+def learning_rate(train: TrainConfig, iteration: int, world_size: int = 1) -> float:
+    """The rate of ``iteration``: step schedule, warm-up, and with ``LR_SCALING: linear`` the linear scaling
+    rule (Goyal et al. 2017): ``LEARNING_RATE`` is the rate of one process's batch, ``world_size`` processes
+    use ``world_size`` times it."""
+    base = train.LEARNING_RATE * (world_size if train.LR_SCALING == "linear" else 1)
+    lr = base * train.GAMMA ** sum(iteration >= s for s in train.STEPSIZE)
     if iteration < train.WARMUP_ITERS:
         alpha = iteration / train.WARMUP_ITERS
         lr *= train.WARMUP_FACTOR * (1 - alpha) + alpha
@@ -105,57 +121,77 @@ def train(
     """Train a detector on ``dataset`` into the folder ``out``; returns the trained model.
 
     With ``val_dataset`` (same classes as ``dataset``) and ``eval_every > 0``, validate every ``eval_every``
-    iterations and after the last (see the module docstring)."""
+    iterations and after the last (see the module docstring). Under ``torchrun`` every process calls this
+    with the same arguments."""
     out = Path(out)
     if val_dataset is not None and tuple(val_dataset.classes) != tuple(dataset.classes):
         raise TrainingError(f"the validation data has classes {list(val_dataset.classes)}, "
                             f"the training data {list(dataset.classes)}")
-    snapshot = _prepare_out(out, resume)
-    device = resolve_device(cfg)
+    world = dist.setup(cfg)
+    snapshot = dist.on_main(world, lambda: _prepare_out(out, resume), "checking --out")
+    device, main = world.device, world.is_main
     torch.manual_seed(cfg.RNG_SEED)
     classes = tuple(dataset.classes)
     model = FasterRCNN(cfg, len(classes), load_pretrained=snapshot is None).to(device)
-    optimizer = build_optimizer(model, cfg.TRAIN)
+    if world.distributed and cfg.TRAIN.SYNC_BN:
+        dist.convert_sync_batchnorm(model)
+    precision = Precision(cfg.TRAIN.AMP, device, "TRAIN.AMP")
     start = 0
     if snapshot is not None:
-        ckpt = read_checkpoint(snapshot)
-        if ckpt.class_names != classes:
-            raise TrainingError(f"--resume: {snapshot} was trained on classes {list(ckpt.class_names)}, "
-                                f"the data has {list(classes)}")
-        model.load_state_dict(ckpt.weights)
-        ckpt.load_optimizer_into(optimizer)
-        start = ckpt.iteration
-        _trim_metrics(out / METRICS, start)
-    else:
+        state = dist.on_main(world, lambda: _read_resume(snapshot, classes, world), "reading the snapshot")
+        model.load_state_dict(state["weights"])
+        start = state["iteration"]
+        precision.load_state_dict(state["grad_scaler"])
+        if main:
+            _trim_metrics(out / METRICS, start)
+            if state["note"]:
+                print(state["note"])
+    elif main:
         (out / CONFIG).write_text(dump_yaml(cfg))
+    optimizer = build_optimizer(model, cfg.TRAIN)
+    if snapshot is not None:
+        load_momentum(optimizer, state["momentum"], snapshot)
     model.train()
+    net = model
+    if world.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     train_cfg = cfg.TRAIN
-    batches = TrainBatches(dataset, cfg)
+    batches = TrainBatches(dataset, cfg, world.rank, world.size)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, train_cfg.MAX_ITERS),
-                                         num_workers=cfg.NUM_WORKERS, collate_fn=lambda b: b)
+                                         num_workers=cfg.NUM_WORKERS, collate_fn=_as_is)
     window: dict[str, float] = {k: 0.0 for k in LOSS_KEYS}
     count, t0, started = 0, time.perf_counter(), time.perf_counter()
-    bar = tqdm(total=train_cfg.MAX_ITERS, initial=start, desc="train", unit="it", disable=not progress,
+    bar = tqdm(total=train_cfg.MAX_ITERS, initial=start, desc="train", unit="it", disable=not (progress and main),
                dynamic_ncols=True)
     last_snapshot = str(snapshot) if snapshot else "none yet"
-    with open(out / METRICS, "a") as log:
+    log = open(out / METRICS, "a") if main else None  # noqa: SIM115 - closed below
+    board = TensorBoardLog(out, purge_step=start + 1 if snapshot is not None else None) if main else None
+
+    def emit(record: dict) -> None:
+        if log is not None and board is not None:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            board.write(record)
+            if on_log is not None:
+                on_log(record)
+
+    try:
         for it, batch in zip(range(start, train_cfg.MAX_ITERS), loader):
-            lr = learning_rate(train_cfg, it)
+            lr = learning_rate(train_cfg, it, world.size)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
             torch.manual_seed(batch.seed)  # dropout, where the tail has it
-            generator = torch.Generator().manual_seed(batch.seed)
-            losses = model(batch.images.to(device), batch.image_sizes.to(device),
-                           [b.to(device) for b in batch.gt_boxes], [lbl.to(device) for lbl in batch.gt_labels],
-                           generator=generator)
+            with precision.autocast(), dist.collective("the forward pass"):
+                losses = net(batch.images.to(device), batch.image_sizes.to(device),
+                             [b.to(device) for b in batch.gt_boxes], [lbl.to(device) for lbl in batch.gt_labels],
+                             generator=batch.generators())
             total = sum(losses.values())
-            if not torch.isfinite(total):
-                bad = {k: round(v.item(), 4) for k, v in losses.items()}
-                raise TrainingError(f"non-finite loss at iteration {it + 1} {bad} on images {batch.image_ids}; "
-                                    f"last good snapshot: {last_snapshot}")
+            if not dist.all_true(world, bool(torch.isfinite(total)), "checking the losses"):
+                _stop_on_nonfinite(world, it, losses, batch.image_ids, last_snapshot)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            with dist.collective("the gradient all-reduce"):
+                precision.backward_step(total, optimizer)
             for k in LOSS_KEYS:
                 window[k] += losses[k].item()
             count += 1
@@ -163,31 +199,69 @@ def train(
             done = it + 1
             if done % train_cfg.DISPLAY == 0 or done == train_cfg.MAX_ITERS:
                 now = time.perf_counter()
-                record = {"iteration": done, **{k: window[k] / count for k in LOSS_KEYS}}
+                record = {"iteration": done, **dist.all_reduce_mean(world, {k: window[k] / count for k in LOSS_KEYS})}
                 record["total"] = sum(record[k] for k in LOSS_KEYS)
                 record.update(lr=lr, time=(now - t0) / count, elapsed=now - started)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                emit(record)
                 bar.set_postfix(loss=f"{record['total']:.3f}", lr=f"{lr:.2g}")
-                if on_log is not None:
-                    on_log(record)
                 window = {k: 0.0 for k in LOSS_KEYS}
                 count, t0 = 0, now
-            if done % train_cfg.SNAPSHOT_ITERS == 0 or done == train_cfg.MAX_ITERS:
+            if main and (done % train_cfg.SNAPSHOT_ITERS == 0 or done == train_cfg.MAX_ITERS):
                 snap = out / "snapshots" / f"iter_{done:07d}"
-                save_checkpoint(snap, model, cfg, classes, done, optimizer)
+                save_checkpoint(snap, model, cfg, classes, done, optimizer,
+                                extra={"world_size": world.size, "grad_scaler": precision.state_dict()})
                 _publish(snap, out)
                 prune_snapshots(out / "snapshots", train_cfg.SNAPSHOT_KEPT)
                 last_snapshot = str(snap)
             if val_dataset is not None and eval_every > 0 and (done % eval_every == 0
                                                                or done == train_cfg.MAX_ITERS):
-                record = validate(model, cfg, classes, val_dataset, out / "eval", done)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                if on_log is not None:
-                    on_log(record)
-    bar.close()
+                record = validate(model, cfg, classes, val_dataset, out / "eval", done, world)
+                if record is not None and board is not None:
+                    emit(record)
+                    board.images(done, validation_images(model, cfg, classes, val_dataset))
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        if board is not None:
+            board.close()
     return model.eval()
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
+
+
+def _stop_on_nonfinite(world: dist.World, it: int, losses: dict[str, torch.Tensor], image_ids: list[str],
+                       last_snapshot: str) -> None:
+    """Raise the non-finite-loss error in every process, naming the losses and images of each process whose
+    loss is not finite."""
+    bad = None
+    if not all(torch.isfinite(v) for v in losses.values()):
+        bad = ({k: round(v.item(), 4) for k, v in losses.items()}, image_ids)
+    reports = [r for r in (dist.gather(world, bad, "reporting a non-finite loss") or []) if r is not None]
+    message = "; ".join(f"{values} on images {ids}" for values, ids in reports)
+    message = dist.broadcast(world, message, "reporting a non-finite loss")
+    raise TrainingError(f"non-finite loss at iteration {it + 1} {message}; last good snapshot: {last_snapshot}")
+
+
+def _read_resume(snapshot: Path, classes: tuple[str, ...], world: dist.World) -> dict:
+    """What every process needs from the snapshot: weights, momentum buffers, iteration, loss-scaler state,
+    and a note when the snapshot was trained with another number of processes."""
+    ckpt = read_checkpoint(snapshot)
+    if ckpt.class_names != classes:
+        raise TrainingError(f"--resume: {snapshot} was trained on classes {list(ckpt.class_names)}, "
+                            f"the data has {list(classes)}")
+    meta = json.loads((snapshot / META).read_text())
+    before = int(meta.get("world_size", 1))
+    note = ""
+    if before != world.size:
+        per = ckpt.cfg.TRAIN.IMS_PER_BATCH
+        note = (f"resuming a run of {before} process(es) with {world.size}: the global batch goes from "
+                f"{before * per} to {world.size * per} images, so iterations from {ckpt.iteration + 1} on see "
+                "other images than the original run would have")
+    return {"weights": ckpt.weights, "momentum": read_momentum(snapshot), "iteration": ckpt.iteration,
+            "grad_scaler": meta.get("grad_scaler") or {}, "note": note}
 
 
 @contextmanager
@@ -208,14 +282,17 @@ def _frozen(model: torch.nn.Module):
             m.training = mode
 
 
-def validation_losses(model: FasterRCNN, cfg: Config, dataset: DetectionDataset) -> dict[str, float]:
+def validation_losses(model: FasterRCNN, cfg: Config, dataset: DetectionDataset,
+                      world: dist.World | None = None) -> dict[str, float]:
     """Mean training losses over ``dataset`` (one image at a time, ``TEST.SCALES[0]``, no flip, difficult and
     crowd boxes left out as in training) without changing the model: see :func:`_frozen`. The anchor and RoI
-    sampling of image ``i`` is seeded by ``(RNG_SEED, i)``, so the numbers are reproducible."""
+    sampling of image ``i`` is seeded by ``(RNG_SEED, i)``, so the numbers are reproducible. With a
+    distributed ``world`` the images are shared out and the sums added up over the processes."""
+    world = world or dist.World()
     device = next(model.parameters()).device
     sums = {k: 0.0 for k in LOSS_KEYS}
     with _frozen(model):
-        for i in range(len(dataset)):
+        for i in dist.shard(world, len(dataset)):
             sample = dataset[i]
             prepared = prep_image(image_to_tensor(dataset.load_image(sample)), cfg.TEST.SCALES[0], cfg.TEST.MAX_SIZE,
                                   cfg.PIXEL_MEANS, cfg.PIXEL_STDS)
@@ -228,25 +305,31 @@ def validation_losses(model: FasterRCNN, cfg: Config, dataset: DetectionDataset)
             for k in LOSS_KEYS:
                 sums[k] += float(losses[k])
     n = max(1, len(dataset))
-    return {k: v / n for k, v in sums.items()}
+    totals = dist.all_reduce_mean(world, sums)  # the mean of the sums: times world.size is their sum
+    return {k: v * world.size / n for k, v in totals.items()}
 
 
 def validate(model: FasterRCNN, cfg: Config, classes: tuple[str, ...], dataset: DetectionDataset, folder: Path,
-             iteration: int) -> dict:
+             iteration: int, world: dist.World | None = None) -> dict | None:
     """Score ``model`` on ``dataset`` (mAP of the data's default metric and the validation losses) without
-    changing it; write the evaluation into ``folder``; return the ``metrics.jsonl`` record."""
+    changing it; write the evaluation into ``folder``; return the ``metrics.jsonl`` record. With a distributed
+    ``world`` every process detects a share of the images; process 0 scores, writes and returns the record,
+    the others return ``None``."""
     from frcnn.engine.evaluate import collect_detections, score_detections, write_eval_outputs
     from frcnn.engine.inference import Predictor
 
+    world = world or dist.World()
     started = time.perf_counter()
-    losses = validation_losses(model, cfg, dataset)
+    losses = validation_losses(model, cfg, dataset, world)
     modes = {m: m.training for m in model.modules()}
     try:
         with torch.random.fork_rng(devices=[]):
-            detections = collect_detections(Predictor(model, cfg, classes), dataset, progress=False)
+            detections = collect_detections(Predictor(model, cfg, classes), dataset, progress=False, world=world)
     finally:
         for m, mode in modes.items():
             m.training = mode
+    if detections is None:
+        return None
     result = score_detections(dataset, detections, metric=None)
     result.update(iteration=iteration, split=getattr(dataset, "split", None))
     write_eval_outputs(folder, dataset, detections, result)

@@ -6,6 +6,9 @@ anchors of maximal IoU with it, ties included ("type A"), and every anchor whose
 "don't care" (-1). Then at most ``RPN_FG_FRACTION * RPN_BATCHSIZE`` foreground and
 ``RPN_BATCHSIZE - #fg`` background anchors are kept at random; regression targets point each anchor at
 its best gt box. Coordinates: network-input pixels.
+
+A float32 layer, also under autocast: its inputs (anchors, gt boxes, proposals) are float32, and the box
+math it calls upcasts anything in half precision (:func:`frcnn.boxes.upcast`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,18 @@ from torch import Tensor
 from frcnn.boxes import bbox_transform, box_iou
 from frcnn.config import TrainConfig
 from frcnn.model.trace import Trace
+
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
+
+
+def per_image(generator: Generators, n: int) -> list[torch.Generator | None]:
+    """One sampling generator per image: a sequence gives each image its own (so an image samples the same
+    whichever batch or process it lands in), a single generator (or None) is shared by the images in turn."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"{len(generator)} sampling generators for {n} images")
+        return list(generator)
+    return [generator] * n
 
 
 def subsample(mask: Tensor, keep: int, generator: torch.Generator | None) -> Tensor:
@@ -37,11 +52,13 @@ def anchor_target_layer(
     gt_boxes: Sequence[Tensor],
     image_sizes: Tensor,
     cfg: TrainConfig,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     trace: Trace | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Labels (N, M) in {1, 0, -1} and regression targets (N, M, 4) for every anchor of every image."""
+    """Labels (N, M) in {1, 0, -1} and regression targets (N, M, 4) for every anchor of every image;
+    ``generator`` drives the sampling (see :func:`per_image`)."""
     n, m = len(gt_boxes), anchors.shape[0]
+    generators = per_image(generator, n)
     labels = anchors.new_full((n, m), -1, dtype=torch.long)
     targets = anchors.new_zeros((n, m, 4))
     record: dict[str, list[Tensor]] = {"type_a": [], "type_b": [], "inside": [], "max_overlaps": []}
@@ -72,8 +89,8 @@ def anchor_target_layer(
             record.setdefault("fg_candidates", []).append(fg)
             record.setdefault("bg_candidates", []).append(bg)
         num_fg = int(cfg.RPN_FG_FRACTION * cfg.RPN_BATCHSIZE)
-        fg = subsample(fg, num_fg, generator)
-        bg = subsample(bg, cfg.RPN_BATCHSIZE - int(fg.sum()), generator)
+        fg = subsample(fg, num_fg, generators[i])
+        bg = subsample(bg, cfg.RPN_BATCHSIZE - int(fg.sum()), generators[i])
         labels[i, fg] = 1
         labels[i, bg] = 0
         if trace is not None:

@@ -18,7 +18,7 @@ from torchvision.ops import batched_nms
 
 from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive, upcast
 from frcnn.config import Config
-from frcnn.model.anchor_target import anchor_target_layer
+from frcnn.model.anchor_target import Generators, anchor_target_layer
 from frcnn.model.anchors import AnchorGenerator
 from frcnn.model.backbones import build_backbone
 from frcnn.model.losses import fast_rcnn_loss, rpn_loss
@@ -57,14 +57,15 @@ class FasterRCNN(nn.Module):
         image_sizes: Tensor,
         gt_boxes: Sequence[Tensor] | None = None,
         gt_labels: Sequence[Tensor] | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         trace: Trace | None = None,
     ) -> dict[str, Tensor] | list[Detections]:
         """``images`` (N, 3, H, W) pre-processed; ``image_sizes`` (N, 2) true (h, w) of each.
 
         In training mode ``gt_boxes``/``gt_labels`` (one tensor per image, network-input pixels, labels
         1..K) are required and a dict of the four losses is returned; ``generator`` drives the random
-        sampling of anchors and RoIs. In eval mode a list of :class:`Detections` is returned.
+        sampling of anchors and RoIs (one generator per image, or one for all). In eval mode a list of
+        :class:`Detections` is returned.
         """
         cfg, train = self.cfg, self.training
         with maybe_timed(trace, "head"):
@@ -104,7 +105,8 @@ class FasterRCNN(nn.Module):
         with maybe_timed(trace, "classification"):
             cls_logits, bbox_pred = self.classifier(pooled)
         if train:
-            losses["rcnn_cls"], losses["rcnn_box"] = fast_rcnn_loss(cls_logits, bbox_pred, roi_labels, roi_targets)
+            losses["rcnn_cls"], losses["rcnn_box"] = fast_rcnn_loss(cls_logits, bbox_pred, roi_labels, roi_targets,
+                                                                  image_index=rois[:, 0].long())
             return losses
         with maybe_timed(trace, "detections"):
             return self.detect(rois, cls_logits, bbox_pred, image_sizes, trace)

@@ -1,10 +1,14 @@
 """Proposal target layer: which RoIs the classification layer learns from, and what it learns.
 
 Per image the gt boxes are added to the proposals, each RoI takes the class of its best-overlapping gt
-box, and ``TRAIN.BATCH_SIZE / images`` RoIs are drawn: up to ``FG_FRACTION`` of them foreground
-(IoU >= ``FG_THRESH``), the rest background (IoU in ``[BG_THRESH_LO, BG_THRESH_HI)``), repeating
-background RoIs at random when there are too few (the reference's fill-up). Regression targets are
+box, and ``TRAIN.BATCH_SIZE`` RoIs are drawn (per image, as in the reference, whose batch is one image):
+up to ``FG_FRACTION`` of them foreground (IoU >= ``FG_THRESH``), the rest background (IoU in
+``[BG_THRESH_LO, BG_THRESH_HI)``), repeating background RoIs at random when there are too few (the
+reference's fill-up). Regression targets are
 normalised by ``BBOX_NORMALIZE_MEANS``/``STDS``. Coordinates: network-input pixels.
+
+A float32 layer, also under autocast: its inputs (anchors, gt boxes, proposals) are float32, and the box
+math it calls upcasts anything in half precision (:func:`frcnn.boxes.upcast`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import Tensor
 
 from frcnn.boxes import bbox_transform, box_iou
 from frcnn.config import TrainConfig
+from frcnn.model.anchor_target import Generators, per_image
 from frcnn.model.trace import Trace
 
 
@@ -36,18 +41,20 @@ def proposal_target_layer(
     gt_boxes: Sequence[Tensor],
     gt_labels: Sequence[Tensor],
     cfg: TrainConfig,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     trace: Trace | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Sampled RoIs (S, 5), their labels (S,) (0 = background) and normalised targets (S, 4)."""
+    """Sampled RoIs (S, 5), their labels (S,) (0 = background) and normalised targets (S, 4);
+    ``generator`` drives the sampling (see :func:`frcnn.model.anchor_target.per_image`)."""
     num_images = len(gt_boxes)
-    rois_per_image = cfg.BATCH_SIZE // num_images
+    generators = per_image(generator, num_images)
+    rois_per_image = cfg.BATCH_SIZE
     fg_per_image = round(cfg.FG_FRACTION * rois_per_image)
     means = rois.new_tensor(cfg.BBOX_NORMALIZE_MEANS)
     stds = rois.new_tensor(cfg.BBOX_NORMALIZE_STDS)
     out_rois, out_labels, out_targets, out_assign, out_overlaps = [], [], [], [], []
     for i in range(num_images):
-        gt = gt_boxes[i]
+        gt, generator = gt_boxes[i], generators[i]
         boxes = torch.cat((rois[rois[:, 0] == i, 1:], gt))
         if gt.numel() > 0:
             max_overlaps, assign = box_iou(boxes, gt).max(dim=1)
