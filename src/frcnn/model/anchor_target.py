@@ -7,7 +7,7 @@ anchors of maximal IoU with it, ties included ("type A"), and every anchor whose
 ``RPN_BATCHSIZE - #fg`` background anchors are kept at random; regression targets point each anchor at
 its best gt box. Coordinates: network-input pixels.
 
-A float32 layer, also under autocast: its inputs (anchors, gt boxes, proposals) are float32, and the box
+A float32 layer, also under autocast: its inputs (anchors and gt boxes) are float32, and the box
 math it calls upcasts anything in half precision (:func:`frcnn.boxes.upcast`).
 """
 

@@ -7,8 +7,8 @@ up to ``FG_FRACTION`` of them foreground (IoU >= ``FG_THRESH``), the rest backgr
 reference's fill-up). Regression targets are
 normalised by ``BBOX_NORMALIZE_MEANS``/``STDS``. Coordinates: network-input pixels.
 
-A float32 layer, also under autocast: its inputs (anchors, gt boxes, proposals) are float32, and the box
-math it calls upcasts anything in half precision (:func:`frcnn.boxes.upcast`).
+A float32 layer, also under autocast: its inputs (the proposal layer's RoIs and gt boxes) are float32,
+and the box math it calls upcasts anything in half precision (:func:`frcnn.boxes.upcast`).
 """
 
 from __future__ import annotations
