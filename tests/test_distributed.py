@@ -236,3 +236,33 @@ def test_a_process_that_dies_stops_the_others_with_one_line(voc, tmp_path):
     from frcnn.engine.checkpoint import read_checkpoint
 
     assert read_checkpoint(out).iteration >= 2  # the published checkpoint still reads
+
+
+@pytest.mark.slow
+def test_eval_under_torchrun_gives_the_one_process_map(voc, tmp_path):
+    """2 processes each detect half of the test images; process 0 gathers them: the same mAP, per-class APs
+    and detections file as one process, printed once."""
+    _train(voc, tmp_path / "run", 1, "TRAIN.MAX_ITERS=6")
+    outs = []
+    for nproc in (1, 2):
+        done = _frcnn(nproc, "eval", "--checkpoint", str(tmp_path / "run"), "--data", str(voc), "--split", "test",
+                      "--json", "--no-progress", "--write-detections", str(tmp_path / f"det{nproc}"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+        assert len(lines) == 1, done.stdout  # printed by process 0 only
+        outs.append(json.loads(lines[0]))
+    assert outs[0]["per_class"] == outs[1]["per_class"] and outs[0]["map"] == outs[1]["map"]
+    assert (tmp_path / "det1" / "detections.json").read_text() == (tmp_path / "det2" / "detections.json").read_text()
+
+
+@pytest.mark.slow
+def test_bad_out_under_torchrun_is_one_line_and_every_process_fails(voc, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    done = _frcnn(2, "train", "--data", str(voc), "--split", "trainval", "--out", str(tmp_path / "file" / "run"),
+                  "--no-progress", *TINY, "--set", "TRAIN.MAX_ITERS=2")
+    assert done.returncode != 0
+    errors = [x for x in done.stderr.splitlines() if x.startswith("frcnn train: error:")]
+    assert errors == [f"frcnn train: error: --out {tmp_path / 'file' / 'run'}: cannot write there (Not a directory)"]
+    assert "frcnn/" not in done.stderr.replace("frcnn/engine/distributed", "")  # no traceback of ours
+    assert done.stderr.count("exitcode  : 2") == 2  # torchrun's summary: both processes exited with 2
+    assert (tmp_path / "file").read_text() == "not a folder"

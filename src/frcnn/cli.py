@@ -216,6 +216,7 @@ def _open_data(args: argparse.Namespace, split: str | None, classes: Sequence[st
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from frcnn.engine import distributed as dist
     from frcnn.engine import evaluate as ev
     from frcnn.engine.checkpoint import choose_device
     from frcnn.engine.inference import Predictor
@@ -226,8 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("give either --checkpoint (run a model) or --detections FILE (evaluate its detections)")
     if args.checkpoint is not None and args.classes:
         raise ConfigError("--classes is for --detections: a checkpoint has its own classes")
-    device = choose_device(args.device, "--device")
-    predictor = Predictor.from_checkpoint(args.checkpoint, device) if args.checkpoint is not None else None
+    world = dist.join(choose_device(args.device, "--device"))  # under torchrun: a share of the images each
+    predictor = Predictor.from_checkpoint(args.checkpoint, world.device) if args.checkpoint is not None else None
     dataset = _open_data(args, args.split, predictor.class_names if predictor else None)
     if args.metric == "coco" and not ev.is_coco(dataset):
         raise DataError(f"--metric coco needs COCO data (an annotation JSON); {args.data} is VOC: use voc07 or voc2010")
@@ -243,7 +244,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise DataError(f"{existing[0]} exists{more}; eval never overwrites: choose another folder")
     if predictor is not None:
-        detections = ev.collect_detections(predictor, dataset, progress=not (args.no_progress or args.json))
+        detections = ev.collect_detections(predictor, dataset, progress=not (args.no_progress or args.json),
+                                           world=world)
+        if detections is None:  # another process than 0: its detections went to process 0
+            return 0
     else:
         detections = read_detections(args.detections, dataset)
     result = ev.score_detections(dataset, detections, args.metric)

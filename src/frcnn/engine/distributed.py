@@ -63,19 +63,24 @@ def env_rank() -> int:
 
 
 def setup(cfg: Config) -> World:
-    """Join the process group torchrun prepared (once per process) and choose this process's device."""
+    """Join the process group torchrun prepared (once per process) on the config's ``DEVICE``."""
+    return join(resolve_device(cfg), cfg.DIST_BACKEND)
+
+
+def join(device: torch.device, backend: str = "auto") -> World:
+    """Join the process group torchrun prepared (once per process); a CUDA ``device`` becomes
+    ``cuda:LOCAL_RANK``. Without torchrun: one process on ``device``."""
     if not launched_by_torchrun():
-        return World(device=resolve_device(cfg))
+        return World(device=device)
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(cfg)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
                               "device(s): start at most that many processes per node")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    backend = cfg.DIST_BACKEND if cfg.DIST_BACKEND != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+    backend = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("DIST_BACKEND=nccl needs CUDA devices; this run is on the CPU: use gloo (or auto)")
     if not dist.is_initialized():

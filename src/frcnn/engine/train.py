@@ -88,16 +88,23 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.S
 
 
 def _prepare_out(out: Path, resume: bool) -> Path | None:
-    """Refuse to train into a folder holding anything unless resuming; return the snapshot to resume."""
+    """Refuse to train into a folder holding anything unless resuming, or one this process cannot write;
+    return the snapshot to resume."""
+    snap = None
     if resume:
         snap = latest_snapshot(out / "snapshots") if out.is_dir() else None
         if snap is None:
             raise TrainingError(f"--resume: {out} holds no snapshot to resume from")
-        return snap
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise TrainingError(f"--out {out} is not empty; choose a new folder or pass --resume to continue")
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+    probe = out / ".frcnn-write-test"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    return snap
 
 
 def _publish(snapshot: Path, out: Path) -> None:
