@@ -137,5 +137,19 @@ def test_explain_runs_on_cuda_with_the_target_layers_of_the_cpu():
 
 
 # ------------------------------------------------------------------- distributed training on CUDA (NCCL)
-# The place for the distributed equivalence test on CUDA: the 2-process test of the distributed module with
-# DEVICE=cuda (NCCL backend, one rank per GPU), skipped below two GPUs, goes here.
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than two CUDA devices on this machine")
+def test_two_gpus_train_the_weights_of_one_gpu_with_twice_the_images(tmp_path):
+    """tests/test_distributed.py's central test on CUDA: NCCL, one process per GPU (cuda:LOCAL_RANK)."""
+    import test_distributed as td
+
+    from frcnn.data.synthetic import make_shapes_dataset
+
+    voc = tmp_path / "shapes"
+    make_shapes_dataset(voc, num_trainval=8, num_test=4, image_size=(128, 128), seed=2)
+    cuda = ("DEVICE=cuda", "TRAIN.MAX_ITERS=6")
+    td._train(voc, tmp_path / "one", 1, "TRAIN.IMS_PER_BATCH=2", *cuda)
+    td._train(voc, tmp_path / "two", 2, "TRAIN.IMS_PER_BATCH=1", *cuda)
+    diff = td._max_diff(td._weights(tmp_path / "one"), td._weights(tmp_path / "two"))
+    assert diff < 1e-4, diff  # CUDA kernels may reduce in another order than on the CPU

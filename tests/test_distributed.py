@@ -203,6 +203,12 @@ def test_resume_under_torchrun_with_workers_gives_the_uninterrupted_weights(voc,
     assert _max_diff(whole, parts) == 0.0
     iterations = [json.loads(x)["iteration"] for x in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
     assert iterations == [2, 3, 4, 6]  # 3 was logged as the last iteration of the first part
+    # another number of processes may resume the run: allowed, and it says what changes
+    more = _frcnn(1, "train", "--data", str(voc), "--split", "trainval", "--out", str(tmp_path / "parts"),
+                  "--no-progress", "--resume", "--set", "TRAIN.MAX_ITERS=8")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "resuming a run of 2 process(es) with 1: the global batch goes from 2 to 1 images" in more.stdout
+    assert json.loads((tmp_path / "parts" / "meta.json").read_text())["world_size"] == 1
 
 
 @pytest.mark.slow

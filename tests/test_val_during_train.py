@@ -97,3 +97,25 @@ def test_cli_trains_on_coco_json_with_validation(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "data"), "--split", "trainval", "--eval-every", "2",
                  "--out", str(tmp_path / "run2"), "--config", "demo-cpu", *sets])
     assert code == 2 and "--eval-every N needs --val-split" in capsys.readouterr().err
+
+
+def test_training_writes_the_same_numbers_to_tensorboard(tmp_path):
+    """Every logged loss, the learning rate and the validation mAP/losses of metrics.jsonl are in RUN/tensorboard
+    at their iteration, and each validation adds images with detections drawn."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = TinySet()
+    train(_cfg(), data, tmp_path / "run", progress=False, val_dataset=TinySet(), eval_every=2)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    records = _records(tmp_path / "run" / "metrics.jsonl")
+    for tag, key, lines in (("loss/total", "total", [r for r in records if "total" in r]),
+                            ("lr", "lr", [r for r in records if "lr" in r]),
+                            ("val/map", "val_map", [r for r in records if "val_map" in r])):
+        points = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in points] == [r["iteration"] for r in lines] == [2, 4], tag
+        for (_, value), r in zip(points, lines):
+            assert value == torch.tensor(r[key], dtype=torch.float32).item(), tag
+    image_tags = events.Tags()["images"]
+    assert image_tags and all(t.startswith("val/detections/") for t in image_tags)
+    assert [e.step for e in events.Images(image_tags[0])] == [2, 4]
