@@ -310,6 +310,18 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return merge(Config(), data)
 
 
+def config_changes(old: Config, new: Config) -> list[str]:
+    """``KEY: old -> new`` for every key whose value differs (nested keys dotted), in field order."""
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(config_to_dict(old)), flat(config_to_dict(new))
+    return [f"{k}: {a[k]} -> {b[k]}" for k in a if a[k] != b[k]]
+
+
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
@@ -331,5 +343,5 @@ def resolve_device(cfg: Config):
 
 __all__ = [
     "Config", "TrainConfig", "TestConfig", "ResnetConfig", "PRESETS", "load_config", "merge",
-    "parse_override", "config_to_dict", "config_from_dict", "dump_yaml", "resolve_device",
+    "parse_override", "config_to_dict", "config_from_dict", "config_changes", "dump_yaml", "resolve_device",
 ]

@@ -32,10 +32,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from frcnn.boxes import scale_boxes
-from frcnn.config import Config, TrainConfig, dump_yaml
+from frcnn.config import Config, TrainConfig, config_changes, dump_yaml
 from frcnn.engine import distributed as dist
 from frcnn.engine.batches import Batch, DetectionDataset, TrainBatches, iteration_seed
 from frcnn.engine.checkpoint import (
@@ -87,24 +88,42 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.S
     return torch.optim.SGD(groups, lr=train.LEARNING_RATE, momentum=train.MOMENTUM)
 
 
-def _prepare_out(out: Path, resume: bool) -> Path | None:
-    """Refuse to train into a folder holding anything unless resuming, or one this process cannot write;
-    return the snapshot to resume."""
-    snap = None
-    if resume:
-        snap = latest_snapshot(out / "snapshots") if out.is_dir() else None
-        if snap is None:
-            raise TrainingError(f"--resume: {out} holds no snapshot to resume from")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise TrainingError(f"--out {out} is not empty; choose a new folder or pass --resume to continue")
-    probe = out / ".frcnn-write-test"
+LOCK = ".frcnn-train.lock"
+
+
+def _prepare_out(out: Path, resume: bool, lock: FileLock) -> Path | None:
+    """Take ``out`` for this training: refuse a folder holding anything unless resuming, one another
+    ``frcnn train`` is using (``lock``), or one this process cannot write; return the snapshot to resume
+    (``None``: start at iteration 0, also when a resumed run had not written its first snapshot yet)."""
+    def refuse_if_not_empty() -> None:
+        if not resume and out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
+            raise TrainingError(f"--out {out} is not empty; choose a new folder or pass --resume to continue")
+
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} is a file; choose a new folder")
+    refuse_if_not_empty()  # before writing anything there
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise TrainingError(f"--out {out} is in use by another frcnn train; wait for it to end or choose another "
+                            "folder") from None
     except OSError as e:
         raise TrainingError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-    return snap
+    try:
+        if resume:
+            snap = latest_snapshot(out / "snapshots")
+            if snap is None and not (out / CONFIG).is_file():
+                raise TrainingError(f"--resume: {out} holds no snapshot to resume from")
+            if snap is None:  # killed before its first snapshot: start again
+                print(f"--resume: {out} has no snapshot yet; starting from iteration 0")
+                (out / METRICS).unlink(missing_ok=True)
+            return snap
+        refuse_if_not_empty()  # again: another training may have started there since
+        return None
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _publish(snapshot: Path, out: Path) -> None:
@@ -135,7 +154,18 @@ def train(
         raise TrainingError(f"the validation data has classes {list(val_dataset.classes)}, "
                             f"the training data {list(dataset.classes)}")
     world = dist.setup(cfg)
-    snapshot = dist.on_main(world, lambda: _prepare_out(out, resume), "checking --out")
+    lock = FileLock(out / LOCK)
+    snapshot = dist.on_main(world, lambda: _prepare_out(out, resume, lock), "checking --out")
+    try:
+        return _train(cfg, dataset, out, snapshot, world, progress, on_log, val_dataset, eval_every)
+    finally:
+        if lock.is_locked:
+            lock.release()
+
+
+def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | None, world: dist.World,
+           progress: bool, on_log: Callable[[dict], None] | None, val_dataset: DetectionDataset | None,
+           eval_every: int) -> FasterRCNN:
     device, main = world.device, world.is_main
     torch.manual_seed(cfg.RNG_SEED)
     classes = tuple(dataset.classes)
@@ -145,14 +175,16 @@ def train(
     precision = Precision(cfg.TRAIN.AMP, device, "TRAIN.AMP")
     start = 0
     if snapshot is not None:
-        state = dist.on_main(world, lambda: _read_resume(snapshot, classes, world), "reading the snapshot")
+        state = dist.on_main(world, lambda: _read_resume(snapshot, classes, world, cfg), "reading the snapshot")
         model.load_state_dict(state["weights"])
         start = state["iteration"]
         precision.load_state_dict(state["grad_scaler"])
         if main:
             _trim_metrics(out / METRICS, start)
-            if state["note"]:
-                print(state["note"])
+            for note in state["notes"]:
+                print(note)
+            if state["changed"]:  # the run folder states what it now trains
+                (out / CONFIG).write_text(dump_yaml(cfg))
     elif main:
         (out / CONFIG).write_text(dump_yaml(cfg))
     optimizer = build_optimizer(model, cfg.TRAIN)
@@ -252,23 +284,26 @@ def _stop_on_nonfinite(world: dist.World, it: int, losses: dict[str, torch.Tenso
     raise TrainingError(f"non-finite loss at iteration {it + 1} {message}; last good snapshot: {last_snapshot}")
 
 
-def _read_resume(snapshot: Path, classes: tuple[str, ...], world: dist.World) -> dict:
-    """What every process needs from the snapshot: weights, momentum buffers, iteration, loss-scaler state,
-    and a note when the snapshot was trained with another number of processes."""
+def _read_resume(snapshot: Path, classes: tuple[str, ...], world: dist.World, cfg: Config) -> dict:
+    """What every process needs from the snapshot: weights, momentum buffers, iteration, loss-scaler state;
+    and one line for each thing that differs from the run so far (the config, the number of processes)."""
     ckpt = read_checkpoint(snapshot)
     if ckpt.class_names != classes:
         raise TrainingError(f"--resume: {snapshot} was trained on classes {list(ckpt.class_names)}, "
                             f"the data has {list(classes)}")
     meta = json.loads((snapshot / META).read_text())
     before = int(meta.get("world_size", 1))
-    note = ""
+    notes = []
+    changed = config_changes(ckpt.cfg, cfg)
+    if changed:
+        notes.append(f"--resume from iteration {ckpt.iteration} with a changed config: {'; '.join(changed)}")
     if before != world.size:
         per = ckpt.cfg.TRAIN.IMS_PER_BATCH
-        note = (f"resuming a run of {before} process(es) with {world.size}: the global batch goes from "
-                f"{before * per} to {world.size * per} images, so iterations from {ckpt.iteration + 1} on see "
-                "other images than the original run would have")
+        notes.append(f"resuming a run of {before} process(es) with {world.size}: the global batch goes from "
+                     f"{before * per} to {world.size * per} images, so iterations from {ckpt.iteration + 1} on "
+                     "see other images than the original run would have")
     return {"weights": ckpt.weights, "momentum": read_momentum(snapshot), "iteration": ckpt.iteration,
-            "grad_scaler": meta.get("grad_scaler") or {}, "note": note}
+            "grad_scaler": meta.get("grad_scaler") or {}, "notes": notes, "changed": bool(changed)}
 
 
 @contextmanager
@@ -347,12 +382,18 @@ def validate(model: FasterRCNN, cfg: Config, classes: tuple[str, ...], dataset: 
 
 
 def _trim_metrics(path: Path, iteration: int) -> None:
-    """On resume, drop log lines written after the snapshot (they are about to be recomputed)."""
+    """On resume, drop log lines written after the snapshot (they are about to be recomputed), and a last
+    line cut short by a kill."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip()
-            and json.loads(line).get("iteration", 0) <= iteration]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("iteration", 0) <= iteration:
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
-
