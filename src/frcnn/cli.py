@@ -131,6 +131,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_arg(p)
     p.set_defaults(func=cmd_explain)
 
+    p = sub.add_parser("benchmark", help="time one image stage by stage on this machine; FLOPs and a floor",
+                       description="Time one image (random pixels) through the detector, stage by stage (median of "
+                                   "--runs after --warmup), with the machine, the model's FLOPs and a floor: its "
+                                   "convolutions and linear layers alone in their fastest fp32 layout. Without a "
+                                   "checkpoint the weights are random and the RPN is set to propose "
+                                   "TEST.RPN_POST_NMS_TOP_N RoIs.")
+    p.add_argument("--config", required=True, metavar="PRESET_OR_YAML_OR_CHECKPOINT",
+                   help="a preset or YAML (random weights) or a checkpoint folder (its weights)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--size", metavar="HxW", help="network input size (default: TEST.SCALES[0] x the long side "
+                                                  "at 5:3, at most TEST.MAX_SIZE)")
+    p.add_argument("--rois", type=int, metavar="N", help="RoIs at the tail (TEST.RPN_POST_NMS_TOP_N)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_benchmark)
+
     p = sub.add_parser("report", help="an HTML page of a training run: losses, learning rate, AP, detections",
                        description="Write RUN_DIR/report/index.html (or --out): loss curves and learning rate from "
                                    "metrics.jsonl and, with --data, mAP per kept snapshot, per-class AP and "
@@ -313,6 +333,61 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         print(index.parent / "explain.json")
     return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from frcnn.config import load_config, merge, parse_override
+    from frcnn.engine.benchmark import format_result, random_rpn, run_benchmark
+    from frcnn.engine.checkpoint import CONFIG, choose_device, load_model
+    from frcnn.errors import ConfigError
+    from frcnn.model.detector import FasterRCNN
+
+    device = choose_device(args.device, "--device")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: must be at least 1")
+        torch.set_num_threads(args.threads)
+    checkpoint = Path(args.config)
+    cfg = load_config(str(checkpoint / CONFIG) if (checkpoint / CONFIG).is_file() else args.config, args.overrides)
+    size = _parse_size(args.size) if args.size else (
+        cfg.TEST.SCALES[0], min(cfg.TEST.MAX_SIZE, round(cfg.TEST.SCALES[0] * 5 / 3)))
+    if min(size) < 2 * cfg.FEAT_STRIDE:
+        raise ConfigError(f"--size {size[0]}x{size[1]}: each side must be at least 2 x FEAT_STRIDE "
+                          f"({2 * cfg.FEAT_STRIDE} px)")
+    if args.runs < 1 or args.warmup < 0:
+        raise ConfigError("--runs must be at least 1 and --warmup at least 0")
+    updates = [f"TEST.SCALES=[{min(size)}]", f"TEST.MAX_SIZE={max(size)}"]  # the image is fed at its own size
+    if args.rois is not None:
+        if args.rois < 1:
+            raise ConfigError(f"--rois {args.rois}: must be at least 1")
+        updates.append(f"TEST.RPN_POST_NMS_TOP_N={args.rois}")
+    for text in updates:
+        cfg = merge(cfg, parse_override(text))
+    if (checkpoint / CONFIG).is_file():
+        model, ckpt = load_model(checkpoint, device, overrides={"TEST": {
+            "SCALES": list(cfg.TEST.SCALES), "MAX_SIZE": cfg.TEST.MAX_SIZE,
+            "RPN_POST_NMS_TOP_N": cfg.TEST.RPN_POST_NMS_TOP_N}})
+        classes = ckpt.class_names
+    else:
+        torch.manual_seed(0)
+        classes = tuple(f"class{i}" for i in range(1, 21))
+        model = FasterRCNN(merge(cfg, {"PRETRAINED": ""}), len(classes), load_pretrained=False).to(device).eval()
+        random_rpn(model)
+    result = run_benchmark(model, cfg, classes, size, runs=args.runs, warmup=args.warmup)
+    print(json.dumps(result.to_json()) if args.json else format_result(result))
+    return 0
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    from frcnn.errors import ConfigError
+
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size {text!r}: expected HxW, e.g. 600x1000") from None
+    return h, w
 
 
 def cmd_report(args: argparse.Namespace) -> int:

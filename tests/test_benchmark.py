@@ -1,0 +1,92 @@
+"""``frcnn benchmark``: every stage timed, the forced RoI count reached, FLOPs equal to the convolution and linear
+layers' own arithmetic, and one-line errors. (Figures of speed are never asserted: they live in benchmarks/.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from frcnn.cli import main
+from frcnn.config import load_config
+from frcnn.engine.benchmark import STAGES, random_rpn
+from frcnn.model.detector import FasterRCNN
+from frcnn.model.trace import Trace
+
+
+def _bench(capsys, *args: str) -> dict:
+    assert main(["benchmark", "--runs", "1", "--warmup", "0", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _layer_flops(model: nn.Module, images: torch.Tensor) -> float:
+    """2 x multiply-adds of every convolution and linear layer, from the shapes they produce (by hand)."""
+    flops = []
+
+    def count(m, args, out):
+        if isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+            flops.append(2 * k * out.numel())
+        else:
+            flops.append(2 * m.in_features * out.numel())
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(images, torch.tensor([list(images.shape[-2:])]))
+    for h in hooks:
+        h.remove()
+    return sum(flops)
+
+
+def test_benchmark_times_every_stage_with_the_forced_roi_count(capsys):
+    out = _bench(capsys, "--config", "demo-cpu", "--size", "96x128", "--rois", "40")
+    assert set(out["stages_ms"]) == set(STAGES)
+    assert all(v >= 0 for v in out["stages_ms"].values()) and out["total_ms"] > 0
+    assert out["rois"] == 40 and out["size"] == [96, 128]
+    assert out["floor_ms"] > 0 and out["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    # the FLOPs are those of the convolutions and linear layers, counted independently on the same model
+    cfg = load_config("demo-cpu", ["TEST.SCALES=[96]", "TEST.MAX_SIZE=128", "TEST.RPN_POST_NMS_TOP_N=40"])
+    torch.manual_seed(0)
+    model = FasterRCNN(cfg, 20, load_pretrained=False).eval()
+    random_rpn(model)
+    x = torch.randn(1, 3, 96, 128)
+    assert out["gflops"] * 1e9 == pytest.approx(_layer_flops(model, x), rel=1e-6)
+
+
+def test_random_weights_without_the_forced_rpn_collapse_and_with_it_do_not():
+    """Why the benchmark sets the RPN: random weights keep few RoIs; random objectness on the anchors keeps N."""
+    cfg = load_config("voc-r50-c4", ["TEST.SCALES=[192]", "TEST.MAX_SIZE=320", "TEST.RPN_POST_NMS_TOP_N=100"])
+    torch.manual_seed(0)
+    model = FasterRCNN(cfg, 20, load_pretrained=False).eval()
+    x = torch.randn(1, 3, 192, 320) * 50
+    counts = []
+    for _ in range(2):
+        trace = Trace()
+        with torch.no_grad():
+            model(x, torch.tensor([[192, 320]]), trace=trace)
+        counts.append(int(trace["roi_pooling"]["rois"].shape[0]))
+        random_rpn(model)
+    assert counts[0] < 100 and counts[1] == 100, counts
+
+
+def test_benchmark_of_a_checkpoint_uses_its_weights(capsys, tmp_path):
+    from frcnn.engine.checkpoint import save_checkpoint
+
+    cfg = load_config("demo-cpu", ["DEVICE=cpu"])
+    save_checkpoint(tmp_path / "ckpt", FasterRCNN(cfg, 3, load_pretrained=False), cfg, ("a", "b", "c"), 1)
+    out = _bench(capsys, "--config", str(tmp_path / "ckpt"), "--size", "64x64", "--rois", "10")
+    assert out["size"] == [64, 64] and out["rois"] <= 10
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "demo-cpu", "--size", "12x200"], "--size 12x200: each side must be at least 2 x FEAT_STRIDE (16 px)"),
+    (["--config", "demo-cpu", "--size", "big"], "--size 'big': expected HxW, e.g. 600x1000"),
+    (["--config", "demo-cpu", "--rois", "0"], "--rois 0: must be at least 1"),
+    (["--config", "nothing-here"], "neither a preset"),
+])
+def test_bad_benchmark_arguments_are_one_line(args, message, capsys):
+    assert main(["benchmark", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
