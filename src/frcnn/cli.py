@@ -42,6 +42,12 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
                         "the checkpoint's DEVICE, where it was trained, is not used")
 
 
+def _add_fast_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-fast", dest="fast", action="store_false",
+                   help="run the model as trained, without the fast inference path (BatchNorm folded into the "
+                        "convolutions, channels-last where faster; same detections up to float rounding)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frcnn", description="Faster R-CNN: train, evaluate, detect, explain.")
     parser.add_argument("--version", action="version", version=f"frcnn {__version__}")
@@ -105,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "into DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_arg(p)
+    _add_fast_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("detect", help="detect objects in images; write a drawn PNG and a JSON per image",
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for the results (existing files are kept)")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score to report (default 0.5)")
     _add_device_arg(p)
+    _add_fast_arg(p)
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("explain", help="one image through every stage of the detector, as an HTML page of pictures",
@@ -149,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    _add_fast_arg(p)
     p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("report", help="an HTML page of a training run: losses, learning rate, AP, detections",
@@ -248,7 +257,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.checkpoint is not None and args.classes:
         raise ConfigError("--classes is for --detections: a checkpoint has its own classes")
     world = dist.join(choose_device(args.device, "--device"))  # under torchrun: a share of the images each
-    predictor = Predictor.from_checkpoint(args.checkpoint, world.device) if args.checkpoint is not None else None
+    predictor = (Predictor.from_checkpoint(args.checkpoint, world.device, fast=args.fast)
+                 if args.checkpoint is not None else None)
     dataset = _open_data(args, args.split, predictor.class_names if predictor else None)
     if args.metric == "coco" and not ev.is_coco(dataset):
         raise DataError(f"--metric coco needs COCO data (an annotation JSON); {args.data} is VOC: use voc07 or voc2010")
@@ -311,7 +321,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     device = choose_device(args.device, "--device")
     files = _image_files(args.inputs)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device, fast=args.fast)
     for written in detect_files(predictor, files, args.out, args.threshold):
         print(written)
     return 0
@@ -375,6 +385,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         classes = tuple(f"class{i}" for i in range(1, 21))
         model = FasterRCNN(merge(cfg, {"PRETRAINED": ""}), len(classes), load_pretrained=False).to(device).eval()
         random_rpn(model)
+    if args.fast:
+        from frcnn.engine.fast import prepare_for_inference
+
+        model = prepare_for_inference(model)
     result = run_benchmark(model, cfg, classes, size, runs=args.runs, warmup=args.warmup)
     print(json.dumps(result.to_json()) if args.json else format_result(result))
     return 0

@@ -25,11 +25,17 @@ class Predictor:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None) -> Predictor:
+    def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None,
+                        fast: bool = True) -> Predictor:
         """The checkpoint folder's detector on ``device``: ``None`` or ``"auto"`` is CUDA when this machine has
         it, else the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given. The checkpoint's ``DEVICE`` (where it
-        was trained) is not used, so a model trained on CUDA runs on a CPU-only machine."""
+        was trained) is not used, so a model trained on CUDA runs on a CPU-only machine. ``fast``: the fast
+        inference path (:mod:`frcnn.engine.fast`; same detections up to float rounding)."""
         model, ckpt = load_model(folder, device)
+        if fast:
+            from frcnn.engine.fast import prepare_for_inference
+
+            model = prepare_for_inference(model)
         return cls(model, ckpt.cfg, ckpt.class_names)
 
     @torch.no_grad()
