@@ -1,8 +1,11 @@
 """``frcnn check-data``: every problem of a data set, found before training, in one report.
 
 :func:`check_voc` reads a VOC folder leniently (every split, or one), opens every image once with
-:func:`frcnn.data.images.inspect_image` (pixel limit, real format, mode, truncation) and checks every box
-against the image's real size. The :class:`DataReport` holds the counts (images, boxes per class per
+:func:`frcnn.data.images.inspect_image` (pixel limit, real format, mode, frames, truncation) and checks every box
+against the image's real size: its upright size, EXIF orientation applied, as every command reads it. An
+annotation whose size is the sideways size of the pixels as stored (``exif-rotated-size``: the annotation tool
+ignored the EXIF orientation, so its boxes were probably drawn on the sideways image) is not repaired: see
+:func:`size_problems`. The :class:`DataReport` holds the counts (images, boxes per class per
 split, images without boxes), the :class:`~frcnn.data.problems.Problem` list (file, kind, exact value,
 repairable or not) and what training needs: the real image sizes and the lenient data sets, which
 :class:`frcnn.data.repair.RepairedDataset` repairs.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from frcnn.data.images import inspect_image
+from frcnn.data.images import ImageInfo, inspect_image
 from frcnn.data.problems import KINDS, Problem
 from frcnn.data.repair import RepairedDataset, degenerate, duplicates, inverted, repair_sample
 from frcnn.data.sample import Sample
@@ -128,11 +131,12 @@ def check_voc(
         total.add(sample, ds_classes)
     total.images += len({i for ds in datasets.values() for i in ds.listed} - set(samples))
     unique = [s for s, _ in samples.values()]
-    sizes, image_problems = inspect_images(unique, max_pixels, progress)
+    infos, image_problems = inspect_images(unique, max_pixels, progress)
+    sizes = real_sizes(infos)
     problems += image_problems
     for sample, ds_classes in samples.values():
         xml = str(root / "Annotations" / f"{sample.image_id}.xml")
-        problems += size_problems(sample, sizes.get(str(sample.path)), xml)
+        problems += size_problems(sample, infos.get(str(sample.path)), xml)
         problems += box_problems(sample, sizes.get(str(sample.path)), xml, ds_classes, _voc_box)
     return DataReport(root, "voc", all_classes, split_counts, total, sorted_unique(problems), unique, sizes, datasets)
 
@@ -152,25 +156,53 @@ def sorted_unique(problems: list[Problem]) -> list[Problem]:
 
 def inspect_images(
     samples: Sequence[Sample], max_pixels: int | None = None, progress: bool = False
-) -> tuple[dict[str, tuple[int, int]], list[Problem]]:
-    """Open every distinct image once: real ``(width, height)`` by path for the readable ones, and problems."""
-    sizes: dict[str, tuple[int, int]] = {}
+) -> tuple[dict[str, ImageInfo], list[Problem]]:
+    """Open every distinct image once: the :class:`ImageInfo` by path of the readable ones, and problems."""
+    infos: dict[str, ImageInfo] = {}
     problems: list[Problem] = []
     paths = list(dict.fromkeys(str(s.path) for s in samples))
     for path in tqdm(paths, desc="check images", unit="img", disable=None if progress else True, dynamic_ncols=True):
         info, found = inspect_image(path, max_pixels)
         problems += found
         if info is not None:
-            sizes[path] = (info.width, info.height)
-    return sizes, problems
+            infos[path] = info
+    return infos, problems
 
 
-def size_problems(sample: Sample, real: tuple[int, int] | None, file: str) -> list[Problem]:
-    """The annotation's image size disagrees with the real one (a missing size is the reader's problem)."""
-    if real is None or sample.width == 0 or (sample.width, sample.height) == real:
+def real_sizes(infos: dict[str, ImageInfo]) -> dict[str, tuple[int, int]]:
+    """The upright ``(width, height)`` by path: the size training, evaluation and detection read."""
+    return {path: (info.width, info.height) for path, info in infos.items()}
+
+
+_TURNS = {5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
+          8: "rotated 90 degrees counter-clockwise"}
+
+
+def size_problems(sample: Sample, info: ImageInfo | None, file: str) -> list[Problem]:
+    """The annotation's image size disagrees with the real (upright) one; a missing size is the reader's problem.
+
+    When the annotated size is the size of the pixels as stored and the EXIF orientation turns the image
+    (tags 5..8 swap width and height), the kind is ``exif-rotated-size``, not ``size-mismatch``: the boxes were
+    probably drawn by a tool that ignored EXIF, on the sideways image, but they may as well have been drawn
+    upright with only the size written wrong, so nothing is repaired; the message names both sizes. (Tags 2..4
+    mirror or turn by 180 degrees without changing the size, and a square image keeps its size: those cannot be
+    told apart from the size alone.)"""
+    if info is None or sample.width == 0:
         return []
-    return [Problem(file, "size-mismatch", f"annotation says the image is {sample.width}x{sample.height} but "
-                                           f"{sample.path} is {real[0]}x{real[1]}", image_id=sample.image_id)]
+    annotated, upright = (sample.width, sample.height), (info.width, info.height)
+    if annotated == upright:
+        return []
+    said = f"annotation says the image is {sample.width}x{sample.height}"
+    if info.orientation >= 5 and annotated == info.stored_size:
+        stored = "x".join(map(str, info.stored_size))
+        return [Problem(file, "exif-rotated-size", (
+            f"{said}, the size of {sample.path} as stored ({stored}), but its EXIF orientation {info.orientation} "
+            f"({_TURNS[info.orientation]}) makes it {upright[0]}x{upright[1]} upright, as frcnn reads it: the "
+            "annotation tool probably ignored EXIF and the boxes are on the sideways image; re-annotate upright, or "
+            "save the pixels upright without the tag if the boxes match the stored pixels"),
+            image_id=sample.image_id)]
+    return [Problem(file, "size-mismatch", f"{said} but {sample.path} is {upright[0]}x{upright[1]}",
+                    image_id=sample.image_id)]
 
 
 def box_problems(

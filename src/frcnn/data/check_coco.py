@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from frcnn.data.check import Counts, DataReport, box_problems, inspect_images, size_problems, sorted_unique
+from frcnn.data.check import Counts, DataReport, box_problems, inspect_images, real_sizes, size_problems, sorted_unique
+from frcnn.data.images import PathOutside, path_inside
 from frcnn.data.problems import Problem
 from frcnn.data.sample import Sample
 from frcnn.errors import DataError
@@ -52,7 +53,7 @@ def _load(json_path: Path) -> tuple[dict | None, list[Problem]]:
 
 def _images(data: dict, json_path: Path, images_dir: Path, problems: list[Problem]) -> dict[int, dict]:
     """Image records by id, each with its resolved ``path`` (records that cannot be used are problems)."""
-    base = os.path.normpath(os.path.abspath(images_dir))
+    base = os.path.abspath(images_dir)
     out: dict[int, dict] = {}
     for i, img in enumerate(data["images"]):
         def bad(kind: str, message: str, i=i) -> None:
@@ -65,15 +66,16 @@ def _images(data: dict, json_path: Path, images_dir: Path, problems: list[Proble
         if not isinstance(name, str) or not name:
             bad("bad-annotation", f"image id {img['id']} needs a 'file_name'")
             continue
-        target = os.path.normpath(os.path.join(base, name))
-        if os.path.isabs(name) or os.path.commonpath([base, target]) != base or target == base:
-            bad("path-outside-data", f"file_name {name!r} points outside {images_dir}")
+        try:
+            target = path_inside(base, name)
+        except PathOutside as e:
+            bad("path-outside-data", f"file_name {name!r} {e.says(images_dir)}")
             continue
         size = [img.get(k) for k in ("width", "height")]
         if not all(_is_int(v) and v >= 1 for v in size):
             bad("size-missing", f"image id {img['id']} ({name}) has width, height {size[0]!r}, {size[1]!r}")
             size = [0, 0]
-        out[img["id"]] = {"path": Path(target), "width": size[0], "height": size[1], "id": img["id"]}
+        out[img["id"]] = {"path": target, "width": size[0], "height": size[1], "id": img["id"]}
     return out
 
 
@@ -143,10 +145,11 @@ def check_coco(
     counts = Counts()
     for s in samples:
         counts.add(s, classes)
-    sizes, image_problems = inspect_images(samples, max_pixels, progress)
+    infos, image_problems = inspect_images(samples, max_pixels, progress)
+    sizes = real_sizes(infos)
     problems += image_problems
     for s, box_names in zip(samples, names):
-        problems += size_problems(s, sizes.get(str(s.path)), str(json_path))
+        problems += size_problems(s, infos.get(str(s.path)), str(json_path))
         problems += box_problems(s, sizes.get(str(s.path)), str(json_path), classes, _coco_box, box_names)
     return DataReport(json_path, "coco", classes, {json_path.stem: counts}, counts, sorted_unique(problems), samples,
                       sizes)

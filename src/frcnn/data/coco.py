@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from frcnn.data.images import open_image
+from frcnn.data.images import PathOutside, open_image, path_inside
 from frcnn.data.sample import Sample
 from frcnn.errors import DataError
 
@@ -74,11 +74,12 @@ def _is_int(x: Any) -> bool:
 
 
 def _resolve_image(images_dir: Path, file_name: str, where: str) -> Path:
-    base = os.path.normpath(os.path.abspath(images_dir))
-    target = os.path.normpath(os.path.join(base, file_name))
-    if os.path.isabs(file_name) or os.path.commonpath([base, target]) != base or target == base:
-        raise DataError(f"{where}: file_name {file_name!r} points outside {images_dir}")
-    return Path(target)
+    """The absolute ``images_dir / file_name``, refusing names that leave ``images_dir``, lexically or through a
+    symbolic link (:func:`frcnn.data.images.path_inside`)."""
+    try:
+        return path_inside(os.path.abspath(images_dir), file_name)
+    except PathOutside as e:
+        raise DataError(f"{where}: file_name {file_name!r} {e.says(images_dir)}") from None
 
 
 def read_json(path: str | os.PathLike) -> Any:

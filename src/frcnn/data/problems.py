@@ -30,9 +30,15 @@ KINDS: dict[str, tuple[bool, str]] = {
     "truncated-image": (False, ""),
     "image-too-large": (False, ""),
     "size-mismatch": (False, ""),
+    # the annotation's size is the stored (sideways) size of an image whose EXIF orientation turns it: the boxes
+    # were probably drawn by a tool that ignored EXIF, on the sideways pixels, while frcnn reads images upright.
+    # Not repaired: which image the boxes were drawn on cannot be known for sure, and a wrong guess trains on
+    # boxes in the wrong place.
+    "exif-rotated-size": (False, ""),
     "size-missing": (True, "real image size used"),  # <size> 0 or absent
     "format-mismatch": (True, "read by content"),  # a PNG named .jpg
-    "image-mode": (True, "converted to RGB"),  # L, P, RGBA, CMYK, ...
+    "image-mode": (True, "converted to RGB"),  # L, P, RGBA, CMYK, 16-bit, ...
+    "multi-frame-image": (True, "first frame used"),  # an animated GIF, a multi-page TIFF
 }
 
 

@@ -121,6 +121,8 @@ def _summary(done: dict[str, list[str]], problems: list[Problem]) -> str:
         parts.append(f"converting {by_kind['image-mode']} images to RGB")
     if by_kind["format-mismatch"]:
         parts.append(f"reading {by_kind['format-mismatch']} images whose extension disagrees with their content")
+    if by_kind["multi-frame-image"]:
+        parts.append(f"using the first frame of {by_kind['multi-frame-image']} multi-frame images")
     if by_kind["size-missing"]:
         parts.append(f"using the real size of {by_kind['size-missing']} images whose annotation has none")
     return ("repaired: " + "; ".join(parts)) if parts else ""

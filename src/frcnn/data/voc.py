@@ -36,7 +36,7 @@ import torch
 from defusedxml import DefusedXmlException
 from PIL import Image
 
-from frcnn.data.images import open_image
+from frcnn.data.images import PathOutside, open_image, path_inside
 from frcnn.data.problems import Problem
 from frcnn.data.sample import Sample
 from frcnn.errors import DataError
@@ -85,12 +85,12 @@ def _number(text: str, tag: str, where: str, xml_path: Path) -> float:
 
 
 def _image_path(images_dir: Path, filename: str, xml_path: Path) -> Path:
-    """``images_dir / filename``, refusing names that leave ``images_dir`` (checked lexically)."""
-    base = os.path.normpath(images_dir)
-    target = os.path.normpath(os.path.join(base, filename))
-    if os.path.isabs(filename) or os.path.commonpath([base, target]) != base or target == base:
-        raise DataError(f"{xml_path}: <filename> {filename!r} points outside {images_dir}")
-    return Path(target)
+    """``images_dir / filename``, refusing names that leave ``images_dir``, lexically or through a symbolic link
+    (:func:`frcnn.data.images.path_inside`)."""
+    try:
+        return path_inside(images_dir, filename)
+    except PathOutside as e:
+        raise DataError(f"{xml_path}: <filename> {filename!r} {e.says(images_dir)}") from None
 
 
 def _size(root, xml_path: Path) -> tuple[int, int]:

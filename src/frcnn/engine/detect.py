@@ -1,4 +1,8 @@
-"""``frcnn detect``: one drawn PNG and one JSON per image, boxes in original image pixels."""
+"""``frcnn detect``: one drawn PNG and one JSON per image, boxes in original image pixels.
+
+Images are read by :func:`frcnn.data.images.open_image`, upright: a photo with an EXIF orientation tag is turned
+as a phone or a viewer shows it, so the boxes, ``width`` and ``height`` of the JSON and the drawn PNG are those of
+the upright image (as an annotation tool that respects EXIF draws them)."""
 
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ from frcnn.viz.draw import draw_detections
 
 
 def open_image(path: Path) -> Image.Image:
-    """An RGB image, or a one-line DataError naming the file (see :func:`frcnn.data.images.open_image`:
-    pixel limit, format by content, truncation, any mode converted to RGB)."""
+    """An RGB image, upright, or a one-line DataError naming the file (see :func:`frcnn.data.images.open_image`:
+    pixel limit, format by content, truncation, any mode converted to RGB, EXIF orientation applied, first frame)."""
     from frcnn.data.images import open_image as safe_open
 
     return safe_open(path)
