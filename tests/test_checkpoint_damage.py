@@ -319,7 +319,6 @@ def test_resume_past_an_incomplete_snapshot_continues_from_the_one_before(run, v
     assert all(torch.equal(resumed[k], original[k]) for k in original)
 
 
-@pytest.mark.xfail(strict=True, reason="train.py: _prepare_out should call latest_snapshot(..., say=print)")
 def test_resume_says_which_incomplete_snapshot_it_skipped(run, voc, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(run, out)
@@ -363,12 +362,7 @@ def test_read_config_names_the_file(change, says, run, tmp_path):
         read_config(path)
 
 
-@pytest.mark.parametrize(("change", "says"), [
-    pytest.param(*case[1:], id=case[0], marks=[pytest.mark.xfail(
-        strict=True, reason="cli.py: cmd_train --resume takes an empty config.yaml for the defaults (and then "
-                            "fails on the weights); it should read the run's config with checkpoint.read_config")]
-                 if case[0] == "empty" else [])
-    for case in ROOT_CONFIG_CASES])
+@pytest.mark.parametrize(("change", "says"), [pytest.param(*case[1:], id=case[0]) for case in ROOT_CONFIG_CASES])
 def test_resume_names_a_damaged_run_config(change, says, run, voc, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(run, out)
@@ -390,9 +384,6 @@ def test_report_names_a_damaged_run_config(change, says, run, tmp_path, capsys):
     assert code == 2 and f"{out / 'config.yaml'}: " in line and re.search(says, line), line
 
 
-@pytest.mark.xfail(strict=True, reason="train.py: _train loads the snapshot with model.load_state_dict (a RuntimeError "
-                                       "of hundreds of lines); use checkpoint.load_weights(model, weights, "
-                                       "snapshot / WEIGHTS, ...)")
 def test_resume_into_another_model_layout_is_one_line(run, voc, tmp_path, capsys):
     folder, snapshot = checkpoint_copy(run, "train --resume", tmp_path)
     code = main([*argv("train --resume", folder, voc, tmp_path), "--set", "RPN_CHANNELS=64"])

@@ -187,7 +187,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from frcnn.errors import ConfigError
 
     if args.resume and args.config is None and (args.out / "config.yaml").is_file():
-        cfg = load_config(str(args.out / "config.yaml"), args.overrides)
+        from frcnn.config import merge, parse_override
+        from frcnn.engine.checkpoint import read_config
+
+        cfg = read_config(args.out / "config.yaml")  # the run's own: damage is one line naming it
+        for text in args.overrides:
+            cfg = merge(cfg, parse_override(text))
     else:
         cfg = load_config(args.config, args.overrides)
     if args.eval_every is not None and (args.val_split is None or args.eval_every < 1):

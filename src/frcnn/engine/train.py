@@ -45,6 +45,7 @@ from frcnn.engine.checkpoint import (
     WEIGHTS,
     latest_snapshot,
     load_momentum,
+    load_weights,
     prune_snapshots,
     read_checkpoint,
     read_momentum,
@@ -112,7 +113,7 @@ def _prepare_out(out: Path, resume: bool, lock: FileLock) -> Path | None:
         raise TrainingError(f"--out {out}: cannot write there ({e.strerror or e})") from None
     try:
         if resume:
-            snap = latest_snapshot(out / "snapshots")
+            snap = latest_snapshot(out / "snapshots", say=print)
             if snap is None and not (out / CONFIG).is_file():
                 raise TrainingError(f"--resume: {out} holds no snapshot to resume from")
             if snap is None:  # killed before its first snapshot: start again
@@ -176,7 +177,8 @@ def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | N
     start = 0
     if snapshot is not None:
         state = dist.on_main(world, lambda: _read_resume(snapshot, classes, world, cfg), "reading the snapshot")
-        model.load_state_dict(state["weights"])
+        load_weights(model, state["weights"], snapshot / WEIGHTS,
+                     f"the model this run trains (BACKBONE {cfg.BACKBONE}, {len(classes)} classes)")
         start = state["iteration"]
         precision.load_state_dict(state["grad_scaler"])
         if main:
@@ -291,7 +293,7 @@ def _read_resume(snapshot: Path, classes: tuple[str, ...], world: dist.World, cf
     if ckpt.class_names != classes:
         raise TrainingError(f"--resume: {snapshot} was trained on classes {list(ckpt.class_names)}, "
                             f"the data has {list(classes)}")
-    meta = json.loads((snapshot / META).read_text())
+    meta = ckpt.meta
     before = int(meta.get("world_size", 1))
     notes = []
     changed = config_changes(ckpt.cfg, cfg)
