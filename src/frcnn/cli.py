@@ -107,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-detections", type=Path, metavar="DIR",
                    help="also write the detections as detections.json (COCO results) and comp4 files into DIR")
     p.add_argument("--plots", type=Path, metavar="DIR",
-                   help="also write metrics.json, pr_curves.png and a confusion summary (confusion.json/.txt) "
-                        "into DIR")
+                   help="also write metrics.json, precision-recall curves (pr_curves.png, their numbers in "
+                        "pr_curves.json) and a confusion summary (confusion.json/.txt) into DIR")
+    p.add_argument("--iou", type=float, metavar="T",
+                   help="with --plots: the IoU a detection must exceed to count in the precision-recall curves "
+                        "(default 0.5; VOC and COCO data alike); the AP metrics keep their own IoU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_arg(p)
     _add_fast_arg(p)
@@ -165,9 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metrics.jsonl and, with --data, mAP per kept snapshot, per-class AP and "
                                    "precision-recall curves of the latest one, and a few test images with detections. "
                                    "Works on a run that is still going; re-running replaces the report it wrote.")
-    p.add_argument("run", type=Path, metavar="RUN_DIR", help="a training run's --out folder")
-    p.add_argument("--data", type=Path, help="VOC root to evaluate on (optional)")
-    p.add_argument("--split", default="test", help="image set of --data to evaluate (default test)")
+    p.add_argument("run", type=Path, metavar="RUN_DIR",
+                   help="a training run's --out folder, or a folder holding one (frcnn demo's --out)")
+    p.add_argument("--data", type=Path, help="VOC root or COCO annotation JSON to evaluate on (optional; read as "
+                                             "training reads it, repairs included)")
+    p.add_argument("--split", help="VOC: image set of --data to evaluate (default test); COCO: optional, names "
+                                   "another JSON next to --data")
     p.add_argument("--out", type=Path, help="folder for the page (default RUN_DIR/report)")
     p.add_argument("--images", type=int, default=4, help="test images drawn with detections (default 4)")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score of the detections drawn")
@@ -239,14 +245,22 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _open_data(args: argparse.Namespace, split: str | None, classes: Sequence[str] | None = None):
-    from frcnn.data import open_dataset, parse_classes
+    """``--data`` read as training reads it (:func:`frcnn.data.open_repaired`): what training would stop on is
+    one line, the repairs are said in one line (train's --val-split: prefixed by the split; --json: on stderr)."""
+    from frcnn.data import open_repaired, parse_classes
+    from frcnn.engine.distributed import env_rank
 
     if classes is None and args.classes:
         classes = parse_classes(args.classes)
+    quiet = args.no_progress or getattr(args, "json", False)
     # classes the user chose drop the data's other boxes; classes of a checkpoint or a training set do not:
     # there a box of another class is an error
-    return open_dataset(args.data, split, classes=classes, images=args.images,
-                        drop_other_classes=bool(args.classes))
+    dataset = open_repaired(args.data, split, classes=classes, images=args.images,
+                            drop_other_classes=bool(args.classes), progress=not quiet and env_rank() == 0)
+    if dataset.summary and env_rank() == 0:
+        prefix = f"{split}: " if args.command == "train" else ""
+        print(prefix + dataset.summary, file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+    return dataset
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -261,6 +275,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("give either --checkpoint (run a model) or --detections FILE (evaluate its detections)")
     if args.checkpoint is not None and args.classes:
         raise ConfigError("--classes is for --detections: a checkpoint has its own classes")
+    if args.iou is not None and args.plots is None:
+        raise ConfigError("--iou sets the IoU of the precision-recall curves of --plots DIR: give --plots too "
+                          "(the AP metrics keep their own IoU)")
+    iou = ev.check_iou(0.5 if args.iou is None else args.iou)
     world = dist.join(choose_device(args.device, "--device"))  # under torchrun: a share of the images each
     predictor = (Predictor.from_checkpoint(args.checkpoint, world.device, fast=args.fast)
                  if args.checkpoint is not None else None)
@@ -292,7 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         written.append(write_coco_results(args.write_detections / "detections.json", dataset, detections))
         written += write_comp4(args.write_detections, split, dataset, detections)
     if args.plots is not None:
-        written += ev.write_eval_outputs(args.plots, dataset, detections, result)
+        written += ev.write_eval_outputs(args.plots, dataset, detections, result, iou=iou)
     if args.json:
         print(json.dumps(result))
     else:
@@ -415,7 +433,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     device = choose_device(args.device, "--device")
     print(write_report(args.run, out=args.out, data=args.data, split=args.split, num_images=args.images,
-                       threshold=args.threshold, progress=not args.no_progress, device=device))
+                       threshold=args.threshold, progress=not args.no_progress, device=device, say=print))
     return 0
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 from frcnn.data.sample import Sample
 from frcnn.errors import DataError
 
-__all__ = ["ClassSubset", "open_dataset", "parse_classes"]
+__all__ = ["ClassSubset", "open_dataset", "open_repaired", "parse_classes"]
 
 
 def parse_classes(text_or_file: str | os.PathLike) -> tuple[str, ...]:
@@ -84,7 +84,7 @@ def _coco_json(path: Path, split: str | None) -> Path:
     candidates = [Path(split)] if split.endswith(".json") else []
     candidates.append(path.parent / (split if split.endswith(".json") else f"{split}.json"))
     for c in candidates:
-        if c.is_file():
+        if _asks(c, "is_file"):
             return c
     raise DataError(f"--split {split!r}: {path} is a COCO file; a split names another COCO JSON, "
                     f"but {candidates[-1]} does not exist")
@@ -117,24 +117,96 @@ def open_dataset(
     Every result has ``classes``, ``__len__``, ``__getitem__`` (a :class:`Sample`) and ``load_image``.
     Raises :class:`DataError` (one line) when ``path`` is neither, or for any problem in the data.
     """
-    path = Path(path)
     classes = tuple(classes) if classes is not None else None
-    if path.is_dir() and (path / "Annotations").is_dir():
+    kind, source = _detect(Path(path), split, images)
+    if kind == "voc":
+        return _open_voc(source, split, classes, drop_other_classes)
+    from frcnn.data.coco import COCODataset
+
+    return COCODataset(source, images=images, classes=classes, drop_other_classes=drop_other_classes)
+
+
+def _detect(path: Path, split: str | None, images: str | os.PathLike | None) -> tuple[str, Path]:
+    """``("voc", root)`` or ``("coco", the JSON to read)``; the one-line errors of :func:`open_dataset`."""
+    is_dir, is_file = _asks(path, "is_dir"), _asks(path, "is_file")
+    if is_dir and _asks(path / "Annotations", "is_dir"):
         if images is not None:
             raise DataError(f"--images is for COCO data; {path} is a VOC root (its images are in JPEGImages/)")
         if split is None:
             raise DataError(f"{path} is a VOC root: give --split (an image set in ImageSets/Main/)")
-        return _open_voc(path, split, classes, drop_other_classes)
-    if path.is_file():
-        from frcnn.data.coco import COCODataset, is_coco_json
+        return "voc", path
+    if is_file:
+        from frcnn.data.coco import is_coco_json
 
         if not is_coco_json(path):
             raise DataError(f"{path}: not a COCO annotation JSON (expected a .json file) nor a VOC root folder")
-        return COCODataset(_coco_json(path, split), images=images, classes=classes,
-                           drop_other_classes=drop_other_classes)
-    if path.is_dir():
+        return "coco", _coco_json(path, split)
+    if is_dir:
         raise DataError(f"{path}: neither a VOC root (no Annotations/ folder) nor a COCO annotation JSON")
     raise DataError(f"{path}: no such data folder or file")
+
+
+def _asks(path: Path, question: str) -> bool:
+    """``path.is_dir()`` / ``path.is_file()``, False for a name the OS cannot look up (too long, a NUL)."""
+    try:
+        return getattr(path, question)()
+    except (OSError, ValueError):
+        return False
+
+
+def open_repaired(
+    path: str | os.PathLike,
+    split: str | None = None,
+    classes: Sequence[str] | None = None,
+    images: str | os.PathLike | None = None,
+    *,
+    drop_other_classes: bool = True,
+    progress: bool = False,
+):
+    """``--data`` as every command reads it: the same data, boxes and repairs as ``frcnn train``.
+
+    The data is checked first (:func:`frcnn.data.check.check_data`: every image opened once, every box
+    against the image's real size); a problem training would stop on is a one-line :class:`DataError` (the
+    first one, how many more, and the check-data command that lists them). Then the repairs of
+    :mod:`frcnn.data.repair`: boxes crossing the border clipped, degenerate (1-pixel, zero-area) and duplicate
+    boxes dropped, missing sizes filled in. ``path``, ``split``, ``images``, ``classes`` and
+    ``drop_other_classes`` are those of :func:`open_dataset`.
+
+    Returns a :class:`~frcnn.data.repair.RepairedDataset`: ``summary`` is the one line training prints
+    (``"repaired: ..."``, "" when nothing was repaired), ``repairs`` the ground-truth boxes
+    ``{"clipped": n, "dropped": m}`` of the classes read; on COCO data it keeps the COCO attributes
+    (``coco``, with the repaired boxes, ``category_ids``, ...)."""
+    from frcnn.data.check import check_data
+    from frcnn.data.repair import RepairedDataset
+
+    path = Path(path)
+    classes = tuple(classes) if classes is not None else None
+    kind, source = _detect(path, split, images)
+    report = check_data(source, split if kind == "voc" else None, None, images, progress=progress)
+    report.raise_if_unrepairable()
+    if kind == "voc":
+        dataset = report.datasets[split]
+        if classes is not None:
+            if not drop_other_classes:
+                _refuse_other_classes(dataset, classes)
+            dataset = ClassSubset(dataset, classes)
+    else:
+        from frcnn.data.coco import COCODataset
+
+        dataset = COCODataset(source, images=images, classes=classes, drop_other_classes=drop_other_classes)
+    return RepairedDataset(dataset, report.sizes, [p for p in report.problems if p.repairable])
+
+
+def _refuse_other_classes(dataset, classes: tuple[str, ...]) -> None:
+    """A one-line :class:`DataError` for the first box of ``dataset`` whose class is not in ``classes``."""
+    known = set(classes)
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        for k, label in enumerate(sample.labels.tolist(), start=1):
+            name = dataset.classes[label - 1]
+            if name not in known:
+                xml = Path(dataset.root) / "Annotations" / f"{sample.image_id}.xml"
+                raise DataError(f"{xml}: box {k} has unknown class {name!r} (known classes: {', '.join(classes)})")
 
 
 def _open_voc(root: Path, split: str, classes: tuple[str, ...] | None, drop_other_classes: bool = True):

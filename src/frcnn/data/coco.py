@@ -4,8 +4,10 @@ The JSON is checked here (one-line :class:`~frcnn.errors.DataError` naming the f
 indexed with pycocotools (``COCODataset.coco``), which the COCO evaluation uses as its ground truth.
 
 Coordinates: a COCO ``bbox`` is ``[x, y, w, h]`` in continuous pixels. Samples get the +1 convention of
-:class:`~frcnn.data.sample.Sample` as py-faster-rcnn's ``coco.py`` converts them: ``x1 = max(0, x)``,
-``x2 = min(width - 1, x1 + max(0, w - 1))`` (likewise for y); :func:`boxes_to_coco` is the inverse
+:class:`~frcnn.data.sample.Sample` as py-faster-rcnn's ``coco.py`` converts them, ``x1 = x``,
+``x2 = x1 + max(0, w - 1)`` (likewise for y), but **not clipped** to the image: a box that crosses the border
+is kept as written, and the repairs every command applies (:func:`frcnn.data.open_repaired`,
+:mod:`frcnn.data.repair`) clip it and say so, as they do for VOC data. :func:`boxes_to_coco` is the inverse
 (``[x1, y1, x2 - x1 + 1, y2 - y1 + 1]``), used to write detections for pycocotools.
 
 Policy choices:
@@ -179,12 +181,10 @@ def _check_annotations(data: dict, json_path: Path, cats: dict[int, str]) -> Non
             ann["area"] = float(bbox[2] * bbox[3])
 
 
-def _to_xyxy(bbox: Sequence[float], width: int, height: int) -> tuple[float, float, float, float]:
+def _to_xyxy(bbox: Sequence[float]) -> tuple[float, float, float, float]:
+    """The box as written (+1 convention), not clipped: clipping is a repair, counted where it is done."""
     x, y, w, h = (float(v) for v in bbox)
-    x1, y1 = max(0.0, x), max(0.0, y)
-    x2 = min(width - 1.0, x1 + max(0.0, w - 1.0))
-    y2 = min(height - 1.0, y1 + max(0.0, h - 1.0))
-    return x1, y1, x2, y2
+    return x, y, x + max(0.0, w - 1.0), y + max(0.0, h - 1.0)
 
 
 class COCODataset:
@@ -249,7 +249,7 @@ class COCODataset:
                         continue
                     raise DataError(f"{self.json_path}: annotation id {ann['id']} has class "
                                     f"{cats[ann['category_id']]!r}, not one of {', '.join(self.classes)}")
-                boxes.append(_to_xyxy(ann["bbox"], img["width"], img["height"]))
+                boxes.append(_to_xyxy(ann["bbox"]))
                 labels.append(label)
                 crowd.append(bool(ann["iscrowd"]))
             n = len(boxes)

@@ -15,6 +15,9 @@ object::
       "per_class": {name: float | null},        # the selected metric's AP per class; null: no gt of the class
       "num_images": int,
       "npos": {name: int},           # gt boxes per class that count (not difficult / not crowd)
+      "repaired": {"clipped": int, "dropped": int} | null,   # gt boxes the data's repairs clipped to their
+                                     #  image or dropped (degenerate, duplicate), as training does
+                                     #  (frcnn.data.open_repaired); null: data not read through it
       "metrics": {                   # every metric that applies to the data, selected or not
         "voc07":   {"map": float, "per_class": {name: float | null}},   # 11-point AP, IoU > 0.5
         "voc2010": {"map": float, "per_class": {name: float | null}},   # area AP, IoU > 0.5
@@ -26,9 +29,19 @@ object::
     }
 
 Evaluation during training adds ``"iteration": int`` and ``"split": str``. VOC means are over classes with
-ground truth; COCO numbers are pycocotools' own. :func:`write_eval_outputs` also writes ``pr_curves.png``
-(precision-recall per class at IoU > 0.5) and ``confusion.json`` / ``confusion.txt``
-(:mod:`frcnn.engine.confusion`).
+ground truth; COCO numbers are pycocotools' own, on the repaired ground truth. :func:`write_eval_outputs` also
+writes ``pr_curves.png`` and ``pr_curves.json`` (precision-recall per class at IoU > ``iou``, default 0.5:
+:func:`pr_curves`) and ``confusion.json`` / ``confusion.txt`` (:mod:`frcnn.engine.confusion`).
+
+Precision-recall curves are computed the same way on VOC and COCO data: the reference ``voc_eval`` matching
+(:func:`~frcnn.engine.voc_eval.eval_class`: detections by descending score, each a true positive when its
+best-overlapping gt box has IoU > ``iou`` (+1 convention) and is not yet matched; difficult and COCO crowd
+boxes neither matched nor missed), at any ``iou`` in (0, 1). ``pr_curves.json``::
+
+    {"iou": float, "per_class": {name: {"ap": float | null,    # area under the curve (VOC2010+ rule)
+                                        "npos": int, "score": [...], "tp": [0|1, ...],
+                                        "recall": [...], "precision": [...]}}}   # one entry per detection,
+                                                                                  #  by descending score
 """
 
 from __future__ import annotations
@@ -38,6 +51,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -51,7 +65,7 @@ from frcnn.model.detector import Detections
 
 METRICS = {"voc07": True, "voc2010": False}  # name -> use_07_metric
 METRIC_CHOICES = ("voc07", "voc2010", "coco", "all")
-OUTPUT_FILES = ("metrics.json", "pr_curves.png", "confusion.json", "confusion.txt")
+OUTPUT_FILES = ("metrics.json", "pr_curves.png", "pr_curves.json", "confusion.json", "confusion.txt")
 
 
 def is_coco(dataset: DetectionDataset) -> bool:
@@ -86,9 +100,11 @@ def collect_detections(predictor: Predictor, dataset: DetectionDataset, progress
     return ordered
 
 
-def voc_class_results(dataset: DetectionDataset, detections: list[Detections]) -> dict[str, dict[str, Any]]:
-    """:func:`~frcnn.engine.voc_eval.eval_class` (11-point) of every class: ``{name: {"ap", "rec", "prec",
-    "npos", "tp", "fp"}}``. Difficult boxes (crowd boxes on COCO data) are neither matched nor missed."""
+def voc_class_results(dataset: DetectionDataset, detections: list[Detections],
+                      iou: float = 0.5) -> dict[str, dict[str, Any]]:
+    """:func:`~frcnn.engine.voc_eval.eval_class` (11-point, IoU > ``iou``) of every class: ``{name: {"ap",
+    "rec", "prec", "npos", "tp", "fp", "score"}}`` (``score``: the class's detection scores in the order of
+    ``rec``/``prec``). Difficult boxes (crowd boxes on COCO data) are neither matched nor missed."""
     if len(detections) != len(dataset):
         raise ValueError(f"{len(detections)} detection sets for {len(dataset)} images")
     samples = [dataset[i] for i in range(len(dataset))]
@@ -101,8 +117,46 @@ def voc_class_results(dataset: DetectionDataset, detections: list[Detections]) -
             ids += [s.image_id] * int(sel.sum())
             scores.append(d.scores[sel].float())
             boxes.append(d.boxes[sel].float())
-        out[name] = eval_class((ids, torch.cat(scores), torch.cat(boxes)), gts, iou_thresh=0.5, use_07_metric=True)
+        scores_k = torch.cat(scores)
+        out[name] = eval_class((ids, scores_k, torch.cat(boxes)), gts, iou_thresh=iou, use_07_metric=True)
+        confidence = scores_k.double().numpy()  # in eval_class's order: descending, ties in input order
+        out[name]["score"] = confidence[np.argsort(-confidence, kind="stable")]
     return out
+
+
+def check_iou(iou: float, what: str = "--iou") -> float:
+    """``iou`` if it lies in (0, 1), else a one-line :class:`DataError` (at 1 no detection could match)."""
+    if not (isinstance(iou, (int, float)) and 0.0 < iou < 1.0):
+        raise DataError(f"{what} {iou}: the IoU a detection must exceed to match must lie in (0, 1)")
+    return float(iou)
+
+
+def pr_curves(dataset: DetectionDataset, detections: list[Detections], iou: float = 0.5) -> dict[str, dict]:
+    """Precision-recall per class at IoU > ``iou`` (see the module docstring; VOC and COCO data alike):
+    ``{name: {"rec", "prec", "score", "tp", "npos", "ap"}}``, ``ap`` the area under the curve (VOC2010+) or
+    None for a class without ground truth."""
+    curves = voc_class_results(dataset, detections, check_iou(iou, "iou"))
+    for r in curves.values():
+        r["ap"] = None if r["npos"] == 0 else voc_ap(r["rec"], r["prec"], False)
+    return curves
+
+
+def pr_curves_json(curves: dict[str, dict], iou: float) -> dict:
+    """:func:`pr_curves` as the JSON-clean object of ``pr_curves.json`` (module docstring)."""
+    def floats(values) -> list[float | None]:
+        return [None if math.isnan(v) else float(v) for v in np.asarray(values, dtype=np.float64).tolist()]
+
+    return {"iou": iou, "per_class": {
+        name: {"ap": r["ap"], "npos": int(r["npos"]), "score": floats(r["score"]),
+               "tp": [int(v) for v in np.asarray(r["tp"]).tolist()], "recall": floats(r["rec"]),
+               "precision": floats(r["prec"])} for name, r in curves.items()}}
+
+
+def repairs(dataset: DetectionDataset) -> dict[str, int] | None:
+    """The gt boxes the data's repairs clipped or dropped (``{"clipped", "dropped"}``), None when ``dataset``
+    was not read through :func:`frcnn.data.open_repaired`."""
+    done = getattr(dataset, "repairs", None)
+    return {"clipped": int(done["clipped"]), "dropped": int(done["dropped"])} if isinstance(done, dict) else None
 
 
 def _mean(per_class: dict[str, float | None]) -> float:
@@ -131,7 +185,8 @@ def score_detections(dataset: DetectionDataset, detections: list[Detections], me
         metrics["coco"] = coco
     selected = metrics[metric]
     return {"map": selected["map"], "metric": metric, "per_class": selected["per_class"],
-            "num_images": len(dataset), "npos": {c: r["npos"] for c, r in results.items()}, "metrics": metrics}
+            "num_images": len(dataset), "npos": {c: r["npos"] for c, r in results.items()},
+            "repaired": repairs(dataset), "metrics": metrics}
 
 
 def evaluate(predictor: Predictor, dataset: DetectionDataset, metric: str | None = "voc07",
@@ -140,10 +195,10 @@ def evaluate(predictor: Predictor, dataset: DetectionDataset, metric: str | None
 
 
 def write_eval_outputs(folder: str | Path, dataset: DetectionDataset, detections: list[Detections], result: dict,
-                       score_thresh: float = 0.5) -> list[Path]:
+                       score_thresh: float = 0.5, iou: float = 0.5) -> list[Path]:
     """Write :data:`OUTPUT_FILES` into ``folder`` (created; existing files replaced): ``metrics.json`` (the
-    result), ``pr_curves.png``, ``confusion.json`` and ``confusion.txt`` (detections with score >=
-    ``score_thresh``). Returns the paths written."""
+    result), ``pr_curves.png`` and ``pr_curves.json`` (:func:`pr_curves` at IoU > ``iou``), ``confusion.json``
+    and ``confusion.txt`` (detections with score >= ``score_thresh``). Returns the paths written."""
     from frcnn.engine.confusion import confusion_summary, format_confusion
     from frcnn.viz.pr_curves import save_pr_curves
 
@@ -151,15 +206,16 @@ def write_eval_outputs(folder: str | Path, dataset: DetectionDataset, detections
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / name for name in OUTPUT_FILES]
     _write_text(paths[0], json.dumps(result, indent=2) + "\n")
-    curves = voc_class_results(dataset, detections)
-    for r in curves.values():
-        r["ap"] = None if r["npos"] == 0 else voc_ap(r["rec"], r["prec"], False)
+    curves = pr_curves(dataset, detections, iou)
     tmp = paths[1].with_name(paths[1].name + ".tmp")
-    save_pr_curves(tmp, curves, title=f"precision-recall, IoU > 0.5, AP = area (VOC2010+), {len(dataset)} images")
+    crowd = ", crowd boxes ignored" if is_coco(dataset) else ""
+    save_pr_curves(tmp, curves, iou=iou, title=f"precision-recall, IoU > {iou:g} (voc_eval matching{crowd}), "
+                                               f"AP = area (VOC2010+), {len(dataset)} images")
     tmp.replace(paths[1])
+    _write_text(paths[2], json.dumps(pr_curves_json(curves, iou)) + "\n")
     summary = confusion_summary(dataset, detections, score_thresh=score_thresh)
-    _write_text(paths[2], json.dumps(summary, indent=2) + "\n")
-    _write_text(paths[3], format_confusion(summary) + "\n")
+    _write_text(paths[3], json.dumps(summary, indent=2) + "\n")
+    _write_text(paths[4], format_confusion(summary) + "\n")
     return paths
 
 
@@ -185,7 +241,16 @@ def format_table(result: dict, all_metrics: bool = False) -> str:
     if result["metric"] == "coco" and stats:
         lines.append("")
         lines += [f"{name:<6} {value:.4f}" if value >= 0 else f"{name:<6} n/a" for name, value in stats.items()]
-    return "\n".join(lines)
+    return "\n".join(lines + _repaired_lines(result))
+
+
+def _repaired_lines(result: dict) -> list[str]:
+    """The line of the table that says how many gt boxes the repairs changed (none if unknown)."""
+    done = result.get("repaired")
+    if not done:
+        return []
+    return ["", f"ground truth as training reads it: {done['clipped']} boxes clipped to their image, "
+                f"{done['dropped']} dropped (degenerate or duplicate)"]
 
 
 def _format_all(result: dict) -> str:
@@ -208,4 +273,4 @@ def _format_all(result: dict) -> str:
     if "coco" in metrics:
         stats = metrics["coco"]["stats"]
         lines += ["", "  ".join(f"{k} {v:.4f}" if v >= 0 else f"{k} n/a" for k, v in stats.items())]
-    return "\n".join(lines)
+    return "\n".join(lines + _repaired_lines(result))

@@ -1,11 +1,16 @@
 """``frcnn report RUN_DIR``: one HTML page about a training run (see :mod:`frcnn.explain.page`).
 
 From ``RUN_DIR/metrics.jsonl`` (one line per logged iteration, written by :mod:`frcnn.engine.train`): the
-loss curves of every loss term and the learning rate. With a data set (``data``/``split``): every kept
-snapshot (``RUN_DIR/snapshots/iter_*``) is evaluated with the reference VOC AP, giving mAP over iterations;
-the latest one also gives the per-class AP table, precision-recall curves and a few test images with their
-detections. A run that is still going is fine: a half-written last log line is skipped, a snapshot pruned
-while we read it is left out, and re-running the command replaces the report it wrote before.
+loss curves of every loss term and the learning rate. With a data set (``data``/``split``: a VOC root or a
+COCO annotation JSON, read as training reads it by :func:`frcnn.data.open_repaired`, repairs included): every
+kept snapshot (``RUN_DIR/snapshots/iter_*``) is evaluated with the data's default metric (VOC07 AP, or
+pycocotools' AP@[.50:.95] on COCO data), giving mAP over iterations; the latest one also gives the per-class AP
+table, precision-recall curves (IoU > 0.5, :func:`frcnn.engine.evaluate.pr_curves`) and a few test images
+with their detections. A run that is still going is fine: a half-written last log line is skipped, a snapshot
+pruned while we read it is left out, and re-running the command replaces the report it wrote before.
+
+``RUN_DIR`` may also be a folder that holds one run in a subfolder, such as ``frcnn demo``'s ``--out``
+(``OUT/model`` is the run, ``OUT/data`` its data, ``OUT/metrics.json`` its evaluation): :func:`find_run`.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,54 +74,79 @@ def _checkpoints(run: Path) -> list[Path]:
     return snaps
 
 
-def evaluate_checkpoints(run: Path, data: Path, split: str, progress: bool,
+def _is_run(folder: Path) -> bool:
+    return bool(read_metrics(folder / METRICS_FILE) or _checkpoints(folder))
+
+
+def find_run(folder: str | Path) -> Path:
+    """The training run ``folder`` is, or the one run among its subfolders (``frcnn demo``'s ``--out`` holds its
+    run in ``model/``); a one-line :class:`DataError` when there is none, or more than one to choose from."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such run folder")
+    if _is_run(folder):
+        return folder
+    inside = sorted(sub for sub in folder.iterdir() if sub.is_dir() and not sub.is_symlink() and _is_run(sub))
+    if len(inside) == 1:
+        return inside[0]
+    if inside:
+        raise DataError(f"{folder}: holds {len(inside)} training runs ({', '.join(p.name for p in inside)}); "
+                        "give one of them")
+    raise DataError(f"{folder}: not a training run (no {METRICS_FILE} and no checkpoint, here or in a subfolder)")
+
+
+def _data_split(data: Path, split: str | None) -> str | None:
+    """A VOC root's split defaults to ``test``; a COCO JSON needs none."""
+    return (split or "test") if data.is_dir() else split
+
+
+def evaluate_checkpoints(run: Path, data: Path, split: str | None, progress: bool,
                          device: str | torch.device | None = None) -> list[dict[str, Any]]:
-    """Evaluate each kept snapshot on ``data``/``split``: ``[{iteration, map, per_class, curves, predictor}]``.
+    """Evaluate each kept snapshot on ``data``/``split`` (a VOC root, split default ``test``, or a COCO JSON),
+    read once by :func:`frcnn.data.open_repaired` with the snapshots' classes: ``[{iteration, map, metric,
+    per_class, curves, predictor, dataset, detections, folder}]`` (``curves``: :func:`pr_curves` at IoU > 0.5;
+    ``dataset.summary``: the repairs, "" when none).
 
     ``device``: where the snapshots run (see :func:`frcnn.engine.checkpoint.choose_device`; default CUDA when
     this machine has it, else the CPU), whatever device they were trained on."""
-    from frcnn.data.voc import VOCDataset
-    from frcnn.engine.evaluate import collect_detections, score_detections
+    from frcnn.data import open_repaired
+    from frcnn.engine.evaluate import collect_detections, pr_curves, score_detections
     from frcnn.engine.inference import Predictor
-    from frcnn.engine.voc_eval import eval_class
 
     device = choose_device(device)
     results = []
+    opened: dict[tuple[str, ...], Any] = {}  # classes -> data set: read (and checked) once
     for folder in _checkpoints(run):
         try:
             predictor = Predictor.from_checkpoint(folder, device)
             iteration = json.loads((folder / META).read_text()).get("iteration", 0)
         except (CheckpointError, OSError, json.JSONDecodeError):
             continue  # pruned or half-written while we looked: a running training may do that
-        dataset = VOCDataset(data, split, classes=predictor.class_names)
+        classes = tuple(predictor.class_names)
+        if classes not in opened:
+            opened[classes] = open_repaired(data, _data_split(Path(data), split), classes,
+                                            drop_other_classes=False, progress=progress)
+        dataset = opened[classes]
         detections = collect_detections(predictor, dataset, progress=progress)
-        scored = score_detections(dataset, detections, "voc07")
-        curves = {}
-        samples = [dataset[i] for i in range(len(dataset))]
-        for k, name in enumerate(dataset.classes, start=1):
-            gts = {s.image_id: (s.boxes[s.labels == k], s.difficult[s.labels == k]) for s in samples}
-            ids, scores, boxes = [], [], []
-            for s, d in zip(samples, detections):
-                sel = d.labels == k
-                ids += [s.image_id] * int(sel.sum())
-                scores.append(d.scores[sel])
-                boxes.append(d.boxes[sel])
-            res = eval_class((ids, torch.cat(scores), torch.cat(boxes)), gts, 0.5, True)
-            curves[name] = (res["rec"], res["prec"], res["npos"])
-        results.append({"iteration": int(iteration), "map": scored["map"], "per_class": scored["per_class"],
-                        "curves": curves, "predictor": predictor, "dataset": dataset, "detections": detections,
+        scored = score_detections(dataset, detections, None)
+        results.append({"iteration": int(iteration), "map": scored["map"], "metric": scored["metric"],
+                        "per_class": scored["per_class"], "curves": pr_curves(dataset, detections, 0.5),
+                        "predictor": predictor, "dataset": dataset, "detections": detections,
                         "folder": str(folder)})
     return results
 
 
-def pr_chart(curves: dict[str, tuple[Any, Any, int]], class_names: tuple[str, ...], width: int = 900) -> Any:
+def pr_chart(curves: dict[str, dict[str, Any]], class_names: tuple[str, ...], width: int = 900) -> Any:
+    """The precision-recall curve of every class with ground truth and detections (``curves``: :func:`pr_curves`
+    of :mod:`frcnn.engine.evaluate`)."""
     series = []
     for k, name in enumerate(class_names, start=1):
-        rec, prec, npos = curves.get(name, ([], [], 0))
+        curve = curves.get(name, {})
+        rec, prec, npos = curve.get("rec", []), curve.get("prec", []), curve.get("npos", 0)
         if npos and len(rec):
             series.append((name, [0.0, *map(float, rec)], [float(prec[0]), *map(float, prec)], class_color(k)))
     return charts.line_chart(series or [("no detections", [0, 1], [math.nan, math.nan], (0, 0, 0))],
-                             title="precision-recall per class (latest snapshot, VOC07 rule IoU > 0.5)",
+                             title="precision-recall per class (latest snapshot, voc_eval matching, IoU > 0.5)",
                              xlabel="recall", ylabel="precision", width=width, height=380, y_range=(0.0, 1.0),
                              x_range=(0.0, 1.0))
 
@@ -143,23 +174,24 @@ def _saved_evaluation(run: Path) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def write_report(run: str | Path, out: str | Path | None = None, data: str | Path | None = None, split: str = "test",
-                 num_images: int = 4, threshold: float = 0.5, progress: bool = True,
-                 device: str | torch.device | None = None) -> Path:
+def write_report(run: str | Path, out: str | Path | None = None, data: str | Path | None = None,
+                 split: str | None = None, num_images: int = 4, threshold: float = 0.5, progress: bool = True,
+                 device: str | torch.device | None = None, say: Callable[[str], Any] | None = None) -> Path:
     """Write the run's page into ``out`` (default ``RUN_DIR/report``); returns its ``index.html``.
 
-    ``device``: where the snapshots run when ``data`` is given (default CUDA when this machine has it, else the
-    CPU; the run's own ``DEVICE`` is not used)."""
+    ``run`` is a training run or a folder holding one (:func:`find_run`); ``data`` a VOC root (``split``
+    default ``test``) or a COCO JSON. ``device``: where the snapshots run when ``data`` is given (default CUDA
+    when this machine has it, else the CPU; the run's own ``DEVICE`` is not used). ``say`` gets the lines worth
+    telling the user now: the run found inside ``RUN_DIR``, the repairs of the data."""
     device = choose_device(device)  # a device this machine lacks is refused before any work
-    run = Path(run)
-    if not run.is_dir():
-        raise DataError(f"{run}: no such run folder")
+    given = Path(run)
+    run = find_run(given)
+    if run != given and say is not None:
+        say(f"run: {run}")
     records = read_metrics(run / METRICS_FILE)
-    if not records and not _checkpoints(run):
-        raise DataError(f"{run}: not a training run (no {METRICS_FILE} and no checkpoint)")
-    out = Path(out) if out is not None else run / "report"
+    out = Path(out) if out is not None else given / "report"
     prepare_out(out, rewritable=True)
-    if data is None and (run.parent / "data" / "ImageSets" / "Main" / f"{split}.txt").is_file():
+    if data is None and (run.parent / "data" / "ImageSets" / "Main" / f"{split or 'test'}.txt").is_file():
         data = run.parent / "data"  # frcnn demo's layout: OUT/model (the run) beside OUT/data
     config = {}
     if (run / "config.yaml").is_file():
@@ -187,21 +219,30 @@ def write_report(run: str | Path, out: str | Path | None = None, data: str | Pat
     else:
         sections.append(Section("losses", "Losses", "Nothing logged yet.", numbers=progress_numbers))
     if data is not None:
+        split = _data_split(Path(data), split)
         results = evaluate_checkpoints(run, Path(data), split, progress, device)
         if results:
             latest = results[-1]
             names = tuple(latest["dataset"].classes)
+            metric = {"coco": "COCO AP@[.50:.95]"}.get(latest["metric"], latest["metric"].upper())
+            where = f"{split}, " if split else ""
+            repaired = latest["dataset"].summary
+            if repaired and say is not None:
+                say(repaired)
             maps = charts.line_chart([("mAP", [r["iteration"] for r in results], [r["map"] for r in results],
-                                       PALETTE[0])], title=f"mAP (VOC07) on {split} per kept snapshot",
+                                       PALETTE[0])], title=f"mAP ({metric}) on {split or Path(data).name} per kept "
+                                                           "snapshot",
                                      xlabel="iteration", width=900, height=280, y_range=(0.0, 1.0), markers=True)
             sections.append(Section("map", "mAP over evaluations", f"Every kept snapshot evaluated on {data} "
-                                    f"({split}, {len(latest['dataset'])} images).", image=maps, image_name="map",
+                                    f"({where}{len(latest['dataset'])} images), read as training reads it: "
+                                    + (repaired or "nothing to repair") + ".",
+                                    image=maps, image_name="map",
                                     numbers={f"iteration {r['iteration']}": round(r["map"], 4) for r in results}))
             sections.append(Section("ap", f"Per-class AP at iteration {latest['iteration']}",
-                                    "Average precision of each class, the reference voc_eval with the 11-point "
-                                    "VOC07 metric; the curves show precision against recall as the score "
-                                    "threshold falls.", image=pr_chart(latest["curves"], names), image_name="pr",
-                                    html_body=ap_table(latest)))
+                                    f"Average precision of each class ({metric}); the curves show precision "
+                                    "against recall as the score threshold falls (the reference voc_eval "
+                                    "matching at IoU > 0.5).", image=pr_chart(latest["curves"], names),
+                                    image_name="pr", html_body=ap_table(latest)))
             dataset, predictor = latest["dataset"], latest["predictor"]
             tiles = []
             for i in range(min(num_images, len(dataset))):
@@ -223,8 +264,8 @@ def write_report(run: str | Path, out: str | Path | None = None, data: str | Pat
             sections.append(Section("map", "Evaluation", "No snapshot to evaluate yet."))
     else:
         saved = _saved_evaluation(run)
-        text = ("No data set to evaluate on: pass --data VOC_ROOT --split NAME to evaluate the kept snapshots, "
-                "draw precision-recall curves and test images.")
+        text = ("No data set to evaluate on: pass --data (a VOC root with --split NAME, or a COCO annotation JSON) "
+                "to evaluate the kept snapshots, draw precision-recall curves and test images.")
         if saved is not None:
             text += f" Below: the evaluation saved in {saved[0]}."
         sections.append(Section("map", "Evaluation", text, html_body=ap_table(saved[1]) if saved else ""))

@@ -2,7 +2,9 @@
 
 Each panel plots precision (y, 0..1) against recall (x, 0..1) of the detections in score order, as
 :func:`frcnn.engine.voc_eval.eval_class` returns them, with the interpolated (monotone) precision envelope
-the AP integrates drawn as a thin darker line under the raw curve's points.
+the AP integrates drawn as a thin darker line under the raw curve's points. With ``iou``, each panel also
+says the IoU a detection had to exceed to count as a true positive (``frcnn eval --plots DIR --iou T``; the
+curves themselves come from :func:`frcnn.engine.evaluate.pr_curves`).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ def _envelope(prec: np.ndarray) -> np.ndarray:
     return np.maximum.accumulate(prec[::-1])[::-1] if prec.size else prec
 
 
-def draw_pr_curves(curves: Mapping[str, Mapping[str, Any]], title: str = "") -> Image.Image:
-    """``curves[name] = {"rec": array, "prec": array, "ap": float | None}`` (one entry per class, in order).
+def draw_pr_curves(curves: Mapping[str, Mapping[str, Any]], title: str = "", iou: float | None = None) -> Image.Image:
+    """``curves[name] = {"rec": array, "prec": array, "ap": float | None}`` (one entry per class, in order),
+    matched at IoU > ``iou`` (written in each panel when given).
 
     Returns an RGB image with one panel per class on a grid (at most 6 columns)."""
     names = list(curves)
@@ -78,11 +81,14 @@ def draw_pr_curves(curves: Mapping[str, Mapping[str, Any]], title: str = "") -> 
             for px, py in to_px(rec, prec)[-1:]:
                 draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
         draw.text((x0 + 0.75 * (x1 - x0) - 15, y1 + 3), "recall", fill=(90, 90, 90), font=small)
+        if iou is not None:
+            draw.text((x1 - 58, y0 + 3), f"IoU > {iou:g}", fill=(90, 90, 90), font=small)
     return image
 
 
-def save_pr_curves(path: str | os.PathLike, curves: Mapping[str, Mapping[str, Any]], title: str = "") -> Path:
+def save_pr_curves(path: str | os.PathLike, curves: Mapping[str, Mapping[str, Any]], title: str = "",
+                   iou: float | None = None) -> Path:
     """:func:`draw_pr_curves` written as a PNG at ``path``; returns the path."""
     path = Path(path)
-    draw_pr_curves(curves, title).save(path, format="PNG")
+    draw_pr_curves(curves, title, iou).save(path, format="PNG")
     return path
