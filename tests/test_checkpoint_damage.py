@@ -332,8 +332,6 @@ def test_resume_says_which_incomplete_snapshot_it_skipped(run, voc, tmp_path, ca
 REPORT_CASES = [case for case in CASES if case[0] in ("weights-truncated", "meta-a-list", "config-not-yaml")]
 
 
-@pytest.mark.xfail(strict=True, reason="report.py: evaluate_checkpoints skips a snapshot that fails to load even "
-                                       "when all its files are there (damaged, not pruned)")
 @pytest.mark.parametrize(("damaged", "named", "damage", "says"),
                          [pytest.param(*case[1:], id=case[0]) for case in REPORT_CASES])
 def test_report_names_a_damaged_snapshot(damaged, named, damage, says, run, voc, tmp_path, capsys):
@@ -372,8 +370,6 @@ def test_resume_names_a_damaged_run_config(change, says, run, voc, tmp_path, cap
     assert code == 2 and f"{out / 'config.yaml'}: " in line and re.search(says, line), line
 
 
-@pytest.mark.xfail(strict=True, reason="report.py: write_report reads RUN/config.yaml with yaml.safe_load "
-                                       "unguarded; use checkpoint.read_config")
 @pytest.mark.parametrize(("change", "says"), [pytest.param(*case[1:], id=case[0]) for case in ROOT_CONFIG_CASES[:2]])
 def test_report_names_a_damaged_run_config(change, says, run, tmp_path, capsys):
     out = tmp_path / "run"

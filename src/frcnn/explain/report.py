@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from frcnn.engine.checkpoint import META, choose_device, latest_snapshot
+from frcnn.config import config_to_dict
+from frcnn.engine.checkpoint import CONFIG, META, WEIGHTS, choose_device, latest_snapshot, read_checkpoint, read_config
 from frcnn.errors import CheckpointError, DataError
 from frcnn.explain.page import Section, prepare_out, write_page
 from frcnn.viz import charts
@@ -118,9 +118,11 @@ def evaluate_checkpoints(run: Path, data: Path, split: str | None, progress: boo
     opened: dict[tuple[str, ...], Any] = {}  # classes -> data set: read (and checked) once
     for folder in _checkpoints(run):
         try:
+            iteration = read_checkpoint(folder).iteration
             predictor = Predictor.from_checkpoint(folder, device)
-            iteration = json.loads((folder / META).read_text()).get("iteration", 0)
-        except (CheckpointError, OSError, json.JSONDecodeError):
+        except (CheckpointError, OSError):
+            if all((folder / name).is_file() for name in (WEIGHTS, CONFIG, META)):
+                raise  # damaged, not pruned: one line naming the file
             continue  # pruned or half-written while we looked: a running training may do that
         classes = tuple(predictor.class_names)
         if classes not in opened:
@@ -194,8 +196,8 @@ def write_report(run: str | Path, out: str | Path | None = None, data: str | Pat
     if data is None and (run.parent / "data" / "ImageSets" / "Main" / f"{split or 'test'}.txt").is_file():
         data = run.parent / "data"  # frcnn demo's layout: OUT/model (the run) beside OUT/data
     config = {}
-    if (run / "config.yaml").is_file():
-        config = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    if (run / CONFIG).is_file():
+        config = config_to_dict(read_config(run / CONFIG))
     max_iters = (config.get("TRAIN") or {}).get("MAX_ITERS")
     sections = []
     last = records[-1] if records else {}
