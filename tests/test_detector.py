@@ -183,3 +183,102 @@ def test_detections_use_their_own_class_scores_and_boxes():
     dist = (det.boxes[:, None] - expected[None]).abs().amax(-1).min(1).values
     assert (dist < 1e-3).all()  # every detection is a class-2 refinement of a proposal
     assert not torch.equal(expected, clip_boxes(rois, *SIZES[0]))
+
+
+# ------------------------------------------------------------------- the end of the detector: per-class NMS
+# Hand-built RoIs, logits and deltas whose detections are known: ``detect`` alone, with K = 3 classes.
+
+def _detect(rois: list[list[float]], logits: list[list[float]], sizes: list[tuple[int, int]], *overrides: str,
+            deltas: torch.Tensor | None = None):
+    model = _model("TEST.SCORE_THRESH=0.05", "TEST.NMS=0.3", *overrides)
+    rois_t = torch.tensor(rois, dtype=torch.float32)
+    bbox_pred = torch.zeros(len(rois), 4 * (K + 1)) if deltas is None else deltas
+    return model.detect(rois_t, torch.tensor(logits), bbox_pred, torch.tensor(sizes))
+
+
+def _probs(logits: list[float]) -> list[float]:
+    e = [math.exp(v) for v in logits]
+    return [v / sum(e) for v in e]
+
+
+def _as_rows(det) -> list[tuple[int, list[float], float]]:
+    return [(int(label), box, float(score))
+            for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist())]
+
+
+HI, LO = 6.0, -6.0  # a class that wins (p > 0.99) and one far below SCORE_THRESH 0.05
+
+
+def test_per_class_nms_suppresses_same_class_overlaps_and_keeps_other_classes():
+    # boxes 100 x 10 px shifted right by s: IoU (+1 convention) = (100 - s) / (100 + s)
+    a = [0.0, 0.0, 0.0, 99.0, 9.0]
+    shifted = lambda s, img=0: [float(img), s, 0.0, 99.0 + s, 9.0]  # noqa: E731
+    rois = [a,
+            shifted(53.0),          # IoU 47/153 = 0.307 > 0.3 with a, class 1: suppressed
+            shifted(54.0),          # IoU 46/154 = 0.299 <= 0.3 with a, class 1: kept
+            shifted(10.0),          # IoU 90/110 with a, but class 2: kept
+            [0.0, 0.0, 20.0, 99.0, 29.0],   # no overlap, class 1 and class 3 both above the threshold: both kept
+            [0.0, 0.0, 40.0, 60.0, 49.0],   # every class below SCORE_THRESH: nothing
+            [1.0, 0.0, 0.0, 99.0, 9.0]]     # the same box as a but in image 1: NMS is per image
+    logits = [[0.0, HI, LO, LO],
+              [0.0, HI - 0.5, LO, LO],
+              [0.0, HI - 1.0, LO, LO],
+              [0.0, LO, HI - 2.0, LO],
+              [0.0, 2.0, LO, 1.5],
+              [4.0, LO, LO, LO],
+              [0.0, HI - 3.0, LO, LO]]
+    dets = _detect(rois, logits, [(40, 200), (40, 200)])
+    p = [_probs(v) for v in logits]
+    expected0 = sorted([(1, a[1:], p[0][1]), (1, shifted(54.0)[1:], p[2][1]), (2, shifted(10.0)[1:], p[3][2]),
+                        (1, rois[4][1:], p[4][1]), (3, rois[4][1:], p[4][3])], key=lambda r: -r[2])
+    assert len(dets) == 2
+    got0 = _as_rows(dets[0])
+    assert [(lbl, box) for lbl, box, _ in got0] == [(lbl, box) for lbl, box, _ in expected0]
+    assert [s for *_, s in got0] == pytest.approx([s for *_, s in expected0], abs=1e-6)
+    got1 = _as_rows(dets[1])
+    assert [(lbl, box) for lbl, box, _ in got1] == [(1, a[1:])]
+    assert got1[0][2] == pytest.approx(p[6][1], abs=1e-6)
+
+
+def test_nms_threshold_comes_from_test_nms():
+    rois = [[0.0, 0.0, 0.0, 99.0, 9.0], [0.0, 53.0, 0.0, 152.0, 9.0]]  # IoU 0.307
+    logits = [[0.0, HI, LO, LO], [0.0, HI - 1, LO, LO]]
+    assert len(_detect(rois, logits, [(40, 200)])[0].boxes) == 1  # TEST.NMS 0.3
+    assert len(_detect(rois, logits, [(40, 200)], "TEST.NMS=0.31")[0].boxes) == 2
+
+
+def test_score_thresh_is_strict_and_per_class():
+    # class probabilities exactly known: logits (0, log 2, log 1, log 1) give (0.2, 0.4, 0.2, 0.2)
+    rois = [[0.0, 0.0, 0.0, 9.0, 9.0]]
+    logits = [[0.0, math.log(2.0), 0.0, 0.0]]
+    labels = lambda *o: sorted(_detect(rois, logits, [(20, 20)], *o)[0].labels.tolist())  # noqa: E731
+    assert labels("TEST.SCORE_THRESH=0.1") == [1, 2, 3]
+    assert labels("TEST.SCORE_THRESH=0.3") == [1]
+    assert labels("TEST.SCORE_THRESH=0.5") == []
+
+
+def test_max_per_image_keeps_the_best_scores_over_all_classes():
+    # 8 disjoint boxes, alternating classes 1 and 2, decreasing scores; the cap counts detections of all classes
+    rois, logits = [], []
+    for j in range(8):
+        rois.append([0.0, 20.0 * j, 0.0, 20.0 * j + 9, 9.0])
+        logits.append([0.0, HI - 0.3 * j, LO, LO] if j % 2 == 0 else [0.0, LO, HI - 0.3 * j, LO])
+    det = _detect(rois, logits, [(20, 200)], "TEST.MAX_PER_IMAGE=5")[0]
+    assert [b[0] for b in det.boxes.tolist()] == [0.0, 20.0, 40.0, 60.0, 80.0]
+    assert det.labels.tolist() == [1, 2, 1, 2, 1]
+    full = _detect(rois, logits, [(20, 200)], "TEST.MAX_PER_IMAGE=100")[0]
+    assert len(full.boxes) == 8
+
+
+def test_class_specific_deltas_then_clipping_to_the_image():
+    # one RoI scored for classes 1 and 2; class 2's deltas move it right by half its width and double its height
+    rois = [[0.0, 10.0, 10.0, 29.0, 19.0]]  # w 20, h 10, centre (20, 15)
+    logits = [[0.0, 1.0, 1.0, LO]]
+    stds = (0.1, 0.1, 0.2, 0.2)
+    deltas = torch.zeros(1, 4 * (K + 1))
+    deltas[0, 8:12] = torch.tensor([0.5 / stds[0], 0.0, 0.0, math.log(2.0) / stds[3]])  # normalised targets
+    det = _detect(rois, logits, [(24, 36)], deltas=deltas)[0]
+    rows = {lbl: box for lbl, box, _ in _as_rows(det)}
+    assert rows[1] == pytest.approx([10.0, 10.0, 29.0, 19.0])  # zero deltas: the RoI itself
+    # class 2: centre x 30, w 20 -> x 20..39 clipped to 35; h 20 around 15 -> y 5..24 clipped to 23
+    assert rows[2] == pytest.approx([20.0, 5.0, 35.0, 23.0], abs=1e-4)

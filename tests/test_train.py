@@ -12,7 +12,8 @@ from test_overfit import TinySet
 from frcnn.config import load_config
 from frcnn.engine.batches import TrainBatches, iteration_seed
 from frcnn.engine.checkpoint import read_checkpoint
-from frcnn.engine.train import TrainingError, learning_rate, train
+from frcnn.engine.train import TrainingError, build_optimizer, learning_rate, train
+from frcnn.model.detector import FasterRCNN
 
 FAST = ["TRAIN.SCALES=[96]", "TEST.SCALES=[96]", "TRAIN.DISPLAY=2", "TRAIN.WARMUP_ITERS=3", "DEVICE=cpu",
         "TRAIN.STEPSIZE=[5]", "TRAIN.LEARNING_RATE=0.01"]
@@ -90,3 +91,97 @@ def test_scientific_notation_in_overrides_is_a_number():
     assert load_config(None, ["TRAIN.LEARNING_RATE=1e-3"]).TRAIN.LEARNING_RATE == pytest.approx(0.001)
     assert load_config(None, ["PRETRAINED=1e3"]).PRETRAINED == "1e3"
     assert load_config(None, ["TRAIN.STEPSIZE=[1e3, 2e3]"]).TRAIN.STEPSIZE == (1000, 2000)
+
+
+# ------------------------------------------------------------------------- optimizer: groups, rates, schedule
+
+def _param_names(model, pred) -> set[str]:
+    return {n for n, p in model.named_parameters() if pred(n, p)}
+
+
+def _group_names(model, group) -> set[str]:
+    ids = {id(p) for p in group["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def _is_bias(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "bias"
+
+
+@pytest.mark.parametrize("double_bias, bias_decay", [(True, False), (False, False), (True, True), (False, True)])
+def test_parameter_groups_double_bias_and_bias_decay(double_bias, bias_decay):
+    cfg = _cfg(f"TRAIN.DOUBLE_BIAS={str(double_bias).lower()}", f"TRAIN.BIAS_DECAY={str(bias_decay).lower()}",
+               "TRAIN.WEIGHT_DECAY=0.0005", "TRAIN.MOMENTUM=0.8")
+    torch.manual_seed(0)
+    model = FasterRCNN(cfg, 2)
+    for p in model.head[0].parameters():  # frozen parameters (as fixed blocks are) never reach the optimizer
+        p.requires_grad_(False)
+    frozen = _param_names(model, lambda n, p: not p.requires_grad)
+    assert frozen == {"head.0.weight"}
+    optimizer = build_optimizer(model, cfg.TRAIN)
+    weights, biases = optimizer.param_groups
+    assert _group_names(model, weights) == _param_names(model, lambda n, p: p.requires_grad and not _is_bias(n))
+    assert _group_names(model, biases) == _param_names(model, lambda n, p: p.requires_grad and _is_bias(n))
+    assert "rpn.rpn_net.bias" in _group_names(model, biases) and "head.1.bias" in _group_names(model, biases)
+    assert len(weights["params"]) + len(biases["params"]) == len(list(model.parameters())) - 1
+    assert weights["weight_decay"] == 0.0005 and weights["lr_mult"] == 1.0
+    assert biases["weight_decay"] == (0.0005 if bias_decay else 0.0)
+    assert biases["lr_mult"] == (2.0 if double_bias else 1.0)
+    assert all(g["momentum"] == 0.8 for g in optimizer.param_groups)
+
+
+def test_first_training_step_moves_weights_and_biases_by_their_own_rates(tmp_path):
+    """One iteration of ``train`` against SGD written out: ``p - lr * mult * (grad + decay * p)`` (the first
+    momentum buffer is the gradient itself), with the gradient of the same batch computed here."""
+    lr, decay = 0.02, 0.05
+    cfg = _cfg("TRAIN.MAX_ITERS=1", "TRAIN.SNAPSHOT_ITERS=1", "TRAIN.DISPLAY=1", "TRAIN.WARMUP_ITERS=0",
+               f"TRAIN.LEARNING_RATE={lr}", f"TRAIN.WEIGHT_DECAY={decay}")
+    assert cfg.TRAIN.DOUBLE_BIAS and not cfg.TRAIN.BIAS_DECAY
+    data = TinySet()
+    train(cfg, data, tmp_path / "run", progress=False)
+    after = load_file(str(tmp_path / "run" / "model.safetensors"))
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["lr"] == pytest.approx(lr)
+
+    torch.manual_seed(cfg.RNG_SEED)  # the model train() builds, and its first batch
+    model = FasterRCNN(cfg, len(data.classes)).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = TrainBatches(data, cfg)[0]
+    torch.manual_seed(batch.seed)
+    losses = model(batch.images, batch.image_sizes, batch.gt_boxes, batch.gt_labels, generator=batch.generators())
+    sum(losses.values()).backward()
+
+    def update(name: str, p: torch.Tensor, mult: float, wd: float) -> torch.Tensor:
+        return -lr * mult * (p.grad + wd * before[name])
+
+    checked = {"bias": 0, "weight": 0}
+    for name, p in model.named_parameters():
+        moved = after[name] - before[name]
+        bias = _is_bias(name)
+        expected = update(name, p, 2.0 if bias else 1.0, 0.0 if bias else decay)
+        wrong = update(name, p, 1.0 if bias else 2.0, decay if bias else 0.0)  # the other group's rule
+        scale = float(expected.norm())
+        assert scale > 0, name
+        assert float((moved - expected).norm()) <= 1e-3 * scale + 1e-6, name
+        if float((wrong - expected).norm()) > 0.1 * scale:
+            assert float((moved - wrong).norm()) > 0.05 * scale, name
+            checked["bias" if bias else "weight"] += 1
+    assert checked["bias"] > 5 and checked["weight"] > 5  # the rules tell the groups apart on many tensors
+
+
+def test_learning_rate_known_answers():
+    t = load_config(None, ["TRAIN.LEARNING_RATE=0.001", "TRAIN.STEPSIZE=[10, 20]", "TRAIN.GAMMA=0.5"]).TRAIN
+    assert t.WARMUP_ITERS == 0
+    # the step takes effect at the iteration equal to STEPSIZE, not one later
+    assert [learning_rate(t, i) for i in (0, 9, 10, 19, 20, 10**6)] == pytest.approx(
+        [0.001, 0.001, 0.0005, 0.0005, 0.00025, 0.00025])
+    # linear scaling: world_size times the rate; "none" ignores the number of processes
+    lin = load_config(None, ["TRAIN.LEARNING_RATE=0.001", "TRAIN.STEPSIZE=[10]", "TRAIN.LR_SCALING=linear"]).TRAIN
+    assert learning_rate(lin, 0, world_size=4) == pytest.approx(0.004)
+    assert learning_rate(lin, 10, world_size=4) == pytest.approx(0.0004)
+    assert learning_rate(t, 0, world_size=4) == pytest.approx(0.001)
+    # warm-up: linear from WARMUP_FACTOR x the rate to the rate, on top of steps and scaling
+    w = load_config(None, ["TRAIN.LEARNING_RATE=0.01", "TRAIN.STEPSIZE=[3]", "TRAIN.WARMUP_ITERS=5",
+                           "TRAIN.WARMUP_FACTOR=0.2", "TRAIN.LR_SCALING=linear"]).TRAIN
+    assert [learning_rate(w, i, world_size=2) for i in range(7)] == pytest.approx(
+        [0.02 * 0.2, 0.02 * 0.36, 0.02 * 0.52, 0.002 * 0.68, 0.002 * 0.84, 0.002, 0.002])

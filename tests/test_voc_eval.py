@@ -1,13 +1,18 @@
-"""VOC AP: known answers from running the reference ``voc_eval.py``, and each matching rule on its own."""
+"""VOC AP: known answers from running the reference ``voc_eval.py``, each matching rule on its own, and
+agreement with the reference's own code (``voc_ap``, ``voc_eval`` and ``parse_rec`` of py-faster-rcnn's
+lib/datasets/voc_eval.py, transcribed below) on random scenes and on files read by ``frcnn eval``."""
 
 from __future__ import annotations
 
+import json
 import math
+import xml.etree.ElementTree as ET  # noqa: N817 - the reference's own name
 
 import numpy as np
 import pytest
 import torch
 
+from frcnn.cli import main
 from frcnn.engine.voc_eval import _overlaps, eval_class, evaluate_voc, voc_ap
 
 
@@ -162,7 +167,7 @@ def _reference_voc_eval(class_recs: dict, image_ids: list, confidence: np.ndarra
     tp = np.cumsum(tp)
     rec = tp / float(npos)
     prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return voc_ap(rec, prec, use_07_metric)
+    return reference_voc_ap(rec, prec, use_07_metric)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -193,3 +198,208 @@ def test_random_scenes_agree_with_the_reference_loop(seed):
         recs = {k: {**v, "det": list(v["det"])} for k, v in class_recs.items()}
         expected = _reference_voc_eval(recs, list(ids), scores, np.array(boxes), npos, 0.5, use_07)
         assert eval_class(dets, gts, 0.5, use_07)["ap"] == pytest.approx(expected, rel=0, abs=1e-12)
+
+
+# ------------------------------------------------------------------------------ the reference, transcribed
+# py-faster-rcnn lib/datasets/voc_eval.py (the same file in ruotianluo/pytorch-faster-rcnn), as written there
+# but for: no annotation cache (the recs are parsed directly), ``bool`` for the removed ``np.bool``, and paths
+# passed in rather than formatted. Nothing of frcnn is called from here.
+
+def reference_parse_rec(filename):
+    """ Parse a PASCAL VOC xml file """
+    tree = ET.parse(filename)
+    objects = []
+    for obj in tree.findall('object'):
+        obj_struct = {}
+        obj_struct['name'] = obj.find('name').text
+        obj_struct['pose'] = obj.find('pose').text
+        obj_struct['truncated'] = int(obj.find('truncated').text)
+        obj_struct['difficult'] = int(obj.find('difficult').text)
+        bbox = obj.find('bndbox')
+        obj_struct['bbox'] = [int(bbox.find('xmin').text),
+                              int(bbox.find('ymin').text),
+                              int(bbox.find('xmax').text),
+                              int(bbox.find('ymax').text)]
+        objects.append(obj_struct)
+    return objects
+
+
+def reference_voc_ap(rec, prec, use_07_metric=False):
+    """ ap = voc_ap(rec, prec, [use_07_metric])
+    Compute VOC AP given precision and recall.
+    If use_07_metric is true, uses the
+    VOC 07 11 point method (default:False).
+    """
+    if use_07_metric:
+        # 11 point metric
+        ap = 0.
+        for t in np.arange(0., 1.1, 0.1):
+            if np.sum(rec >= t) == 0:
+                p = 0
+            else:
+                p = np.max(prec[rec >= t])
+            ap = ap + p / 11.
+    else:
+        # correct AP calculation
+        # first append sentinel values at the end
+        mrec = np.concatenate(([0.], rec, [1.]))
+        mpre = np.concatenate(([0.], prec, [0.]))
+
+        # compute the precision envelope
+        for i in range(mpre.size - 1, 0, -1):
+            mpre[i - 1] = np.maximum(mpre[i - 1], mpre[i])
+
+        # to calculate area under PR curve, look for points
+        # where X axis (recall) changes value
+        i = np.where(mrec[1:] != mrec[:-1])[0]
+
+        # and sum (\Delta recall) * prec
+        ap = np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1])
+    return ap
+
+
+def reference_voc_eval(detfile, annopath, imagesetfile, classname, ovthresh=0.5, use_07_metric=False,
+                       use_diff=False):
+    """ap = voc_eval(...): ``detfile`` one class's results file, ``annopath`` with ``{}`` for the image id,
+    ``imagesetfile`` the split's list of image ids."""
+    # read list of images
+    with open(imagesetfile) as f:
+        lines = f.readlines()
+    imagenames = [x.strip() for x in lines]
+    recs = {}
+    for imagename in imagenames:
+        recs[imagename] = reference_parse_rec(annopath.format(imagename))
+
+    # extract gt objects for this class
+    class_recs = {}
+    npos = 0
+    for imagename in imagenames:
+        R = [obj for obj in recs[imagename] if obj['name'] == classname]  # noqa: N806
+        bbox = np.array([x['bbox'] for x in R])
+        if use_diff:
+            difficult = np.array([False for x in R]).astype(bool)
+        else:
+            difficult = np.array([x['difficult'] for x in R]).astype(bool)
+        det = [False] * len(R)
+        npos = npos + sum(~difficult)
+        class_recs[imagename] = {'bbox': bbox,
+                                 'difficult': difficult,
+                                 'det': det}
+
+    # read dets
+    with open(detfile) as f:
+        lines = f.readlines()
+
+    splitlines = [x.strip().split(' ') for x in lines]
+    image_ids = [x[0] for x in splitlines]
+    confidence = np.array([float(x[1]) for x in splitlines])
+    BB = np.array([[float(z) for z in x[2:]] for x in splitlines])  # noqa: N806
+
+    # the detection loop, with its sort, matching and precision/recall, as written there: see
+    # _reference_voc_eval above (there it starts after the reference's ``if BB.shape[0] > 0``)
+    return _reference_voc_eval(class_recs, image_ids, confidence, BB.reshape(-1, 4), npos, ovthresh,
+                               use_07_metric)
+
+
+def test_reference_transcription_gives_the_known_answers():
+    # the known answers above (0.545455 / 0.555556) come from the reference: its transcription must give them too
+    gts = {k: {"bbox": np.asarray(b.tolist()), "difficult": np.asarray(d.tolist()), "det": [False] * len(d)}
+           for k, (b, d) in PERSON_GTS.items()}
+    ids, scores, boxes = PERSON_DETS
+    assert _reference_voc_eval(gts, ids, scores.numpy(), boxes.numpy(), 3, 0.5, True) == pytest.approx(
+        0.545455, abs=1e-6)
+    gts = {k: {**v, "det": [False] * len(v["det"])} for k, v in gts.items()}
+    assert _reference_voc_eval(gts, ids, scores.numpy(), boxes.numpy(), 3, 0.5, False) == pytest.approx(
+        0.555556, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_voc_ap_equals_the_reference_voc_ap(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        n = int(rng.integers(1, 30))
+        tp = (rng.random(n) < 0.6).astype(float)
+        npos = int(tp.sum() + rng.integers(0, 5)) or 1
+        rec = np.cumsum(tp) / npos
+        prec = np.cumsum(tp) / np.arange(1, n + 1)
+        for use_07 in (True, False):
+            assert voc_ap(rec, prec, use_07) == reference_voc_ap(rec, prec, use_07)
+
+
+# ------------------------------------------------------------- frcnn eval against the reference on the same files
+
+def _voc_root(tmp_path, seed: int):
+    """A VOC root written by hand (XML text, JPEGs of the stated size), its comp4 results files (1-based, as
+    py-faster-rcnn writes them, distinct scores so that both sorts agree) and the classes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    classes = ("cat", "dog")
+    root = tmp_path / "voc"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / sub).mkdir(parents=True)
+    ids = [f"{seed}{i:04d}" for i in range(10)]
+    dets: dict[str, list[tuple[str, list[float]]]] = {c: [] for c in classes}
+    for image_id in ids:
+        w, h = int(rng.integers(60, 120)), int(rng.integers(50, 100))
+        Image.new("RGB", (w, h), (90, 90, 90)).save(root / "JPEGImages" / f"{image_id}.jpg")
+        objects = []
+        for _ in range(int(rng.integers(0, 5))):
+            name = classes[int(rng.integers(0, 2))]
+            x1, y1 = int(rng.integers(1, w - 20)), int(rng.integers(1, h - 20))
+            x2, y2 = int(rng.integers(x1 + 8, w + 1)), int(rng.integers(y1 + 8, h + 1))  # 1-based, inside
+            box = (x1, y1, x2, y2)
+            if any(o[1] == box for o in objects):
+                continue  # a duplicate box would be repaired (dropped) by frcnn, not by the reference
+            objects.append((name, box, int(rng.random() < 0.2)))
+            for _ in range(int(rng.integers(0, 3))):  # 0-2 detections near it, some of another class
+                cls = name if rng.random() < 0.8 else classes[int(rng.integers(0, 2))]
+                jit = rng.normal(0, 2.5, 4)
+                d = [min(max(v + j, 1.0), lim) for v, j, lim in zip(box, jit, (w, h, w, h))]
+                dets[cls].append((image_id, [round(v, 1) for v in d]))
+        for _ in range(int(rng.integers(0, 3))):  # and some anywhere
+            x1, y1 = rng.uniform(1, w - 10), rng.uniform(1, h - 10)
+            d = [x1, y1, rng.uniform(x1 + 3, w), rng.uniform(y1 + 3, h)]
+            dets[classes[int(rng.integers(0, 2))]].append((image_id, [round(v, 1) for v in d]))
+        xml = [f"<annotation><folder>VOC</folder><filename>{image_id}.jpg</filename>",
+               f"<size><width>{w}</width><height>{h}</height><depth>3</depth></size><segmented>0</segmented>"]
+        for name, (x1, y1, x2, y2), difficult in objects:
+            xml.append(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                       f"<difficult>{difficult}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+                       f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+        (root / "Annotations" / f"{image_id}.xml").write_text("".join(xml) + "</annotation>\n")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("".join(f"{i}\n" for i in ids))
+    results = tmp_path / "results"
+    results.mkdir()
+    n = sum(len(v) for v in dets.values())
+    scores = iter(rng.permutation(n) / n + 0.0005)
+    for name in classes:
+        (results / f"comp4_det_test_{name}.txt").write_text("".join(
+            f"{image_id} {next(scores):.4f} {d[0]:.1f} {d[1]:.1f} {d[2]:.1f} {d[3]:.1f}\n"
+            for image_id, d in dets[name]))
+    return root, results, classes
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_frcnn_eval_equals_the_reference_voc_eval_on_the_same_files(tmp_path, capsys, seed):
+    root, results, classes = _voc_root(tmp_path, seed)
+    code = main(["eval", "--detections", str(results), "--data", str(root), "--split", "test", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    result = json.loads(out.out)
+    assert result["repaired"] == {"clipped": 0, "dropped": 0}  # frcnn scored the ground truth as written
+    assert any("<difficult>1</difficult>" in x.read_text() for x in (root / "Annotations").iterdir())
+    for metric, use_07 in (("voc07", True), ("voc2010", False)):
+        expected = {}
+        for name in classes:
+            ap = reference_voc_eval(str(results / f"comp4_det_test_{name}.txt"),
+                                    str(root / "Annotations" / "{}.xml"),
+                                    str(root / "ImageSets" / "Main" / "test.txt"), name, 0.5, use_07)
+            expected[name] = float(ap)
+        got = result["metrics"][metric]["per_class"]
+        assert set(got) == set(classes)
+        for name in classes:
+            assert got[name] == pytest.approx(expected[name], rel=0, abs=1e-12), (metric, name)
+        assert result["metrics"][metric]["map"] == pytest.approx(
+            (expected["cat"] + expected["dog"]) / 2, rel=0, abs=1e-12)
+        assert 0.05 < expected["cat"] < 0.99 and 0.05 < expected["dog"] < 0.99  # neither trivial nor perfect
