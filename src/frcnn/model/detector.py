@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive, upcast
 from frcnn.config import Config
@@ -22,6 +21,7 @@ from frcnn.model.anchor_target import Generators, anchor_target_layer
 from frcnn.model.anchors import AnchorGenerator
 from frcnn.model.backbones import build_backbone
 from frcnn.model.losses import fast_rcnn_loss, rpn_loss
+from frcnn.model.nms import batched_nms
 from frcnn.model.pooling import pool_rois
 from frcnn.model.proposal_target import proposal_target_layer
 from frcnn.model.roi_heads import ClassificationNetwork

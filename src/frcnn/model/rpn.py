@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive, upcast
+from frcnn.model.nms import nms
 from frcnn.model.trace import Trace
 
 
