@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from frcnn.boxes import bbox_transform_inv, clip_boxes
 from frcnn.config import load_config
 from frcnn.model.anchors import generate_anchors, shift_anchors
 from frcnn.model.detector import FasterRCNN
@@ -178,11 +177,24 @@ def test_detections_use_their_own_class_scores_and_boxes():
     det = model(images, sizes, trace=trace)[0]
     assert det.labels.numel() > 0 and (det.labels == 2).all() and (det.scores > 0.99).all()
     rois = trace["proposal_layer"]["rois"][:, 1:]
-    stds = torch.tensor(model.cfg.TRAIN.BBOX_NORMALIZE_STDS)
-    expected = clip_boxes(bbox_transform_inv(rois, box.bias[8:12].expand(len(rois), 4) * stds), *SIZES[0])
+    expected = _refine(rois, [1.0 * 0.1, -1.0 * 0.1, -2.0 * 0.2, -2.0 * 0.2], *SIZES[0])  # deltas x the stds
     dist = (det.boxes[:, None] - expected[None]).abs().amax(-1).min(1).values
     assert (dist < 1e-3).all()  # every detection is a class-2 refinement of a proposal
-    assert not torch.equal(expected, clip_boxes(rois, *SIZES[0]))
+    assert not torch.equal(expected, _refine(rois, [0.0, 0.0, 0.0, 0.0], *SIZES[0]))
+
+
+def _refine(rois: torch.Tensor, deltas: list[float], h: int, w: int) -> torch.Tensor:
+    """The box regression written out (+1 convention, frcnn's exact inverse of the target coding), then clipped
+    to the image: centre moves by ``dx * width``, size scales by ``exp(dw)``."""
+    dx, dy, dw, dh = deltas
+    out = []
+    for x1, y1, x2, y2 in rois.double().tolist():
+        bw, bh = x2 - x1 + 1, y2 - y1 + 1
+        cx, cy = x1 + 0.5 * bw + dx * bw, y1 + 0.5 * bh + dy * bh
+        nw, nh = math.exp(dw) * bw, math.exp(dh) * bh
+        box = [cx - 0.5 * nw, cy - 0.5 * nh, cx + 0.5 * nw - 1, cy + 0.5 * nh - 1]
+        out.append([min(max(v, 0.0), lim) for v, lim in zip(box, (w - 1, h - 1, w - 1, h - 1))])
+    return torch.tensor(out, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------- the end of the detector: per-class NMS
