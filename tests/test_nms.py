@@ -66,6 +66,14 @@ def test_nms_matches_torchvision(data, t):
 
 
 @settings(max_examples=150, deadline=None)
+@given(box_sets(), st.sampled_from(THRESHOLDS + [0.1, 0.9]), st.integers(1, 70))
+def test_nms_with_max_keep_is_the_first_kept_of_torchvision(data, t, max_keep):
+    boxes, scores = data
+    want = torchvision.ops.nms(boxes, scores, t)[:max_keep]
+    assert torch.equal(nms_mod.nms(boxes, scores, t, max_keep=max_keep), want)
+
+
+@settings(max_examples=150, deadline=None)
 @given(box_sets(), st.sampled_from(THRESHOLDS), st.integers(1, 4), st.integers(0, 2**31 - 1))
 def test_batched_nms_matches_torchvision(data, t, classes, seed):
     boxes, scores = data
@@ -135,6 +143,8 @@ def test_proposal_sized_inputs(monkeypatch, t):
     boxes, scores = rpn_like(3000, seed=1)
     same_nms(boxes, scores, t)
     same_nms(boxes, torch.round(scores * 20) / 20, t)  # heavy ties
+    for k in (1, 100, 300):  # the proposal layer keeps RPN_POST_NMS_TOP_N of them
+        assert torch.equal(nms_mod.nms(boxes, scores, t, max_keep=k), torchvision.ops.nms(boxes, scores, t)[:k])
 
 
 def test_dispatch_to_torchvision_keeps_errors_and_other_inputs(monkeypatch):

@@ -80,7 +80,8 @@ def _greedy_block(mask: Tensor) -> Tensor:
     return keep.bool()
 
 
-def _nms_blocked(boxes: Tensor, scores: Tensor, t: float, block: int, chunk: int) -> Tensor:
+def _nms_blocked(boxes: Tensor, scores: Tensor, t: float, block: int, chunk: int, max_keep: int | None = None
+                 ) -> Tensor:
     # Every op here stays below ATen's parallel grain (32768 elements), so none opens an OpenMP region: on a
     # busy machine a region waits for a descheduled worker thread for milliseconds (measured: 10x slower).
     n = boxes.shape[0]
@@ -93,7 +94,7 @@ def _nms_blocked(boxes: Tensor, scores: Tensor, t: float, block: int, chunk: int
     ar = torch.arange(block, device=boxes.device)
     upper = (ar[:, None] < ar[None, :]).to(boxes.dtype)
     pos = torch.arange(n, device=boxes.device)
-    out = []
+    out, found = [], 0
     while True:
         r = pos.numel()
         m = min(block, r)
@@ -102,7 +103,8 @@ def _nms_blocked(boxes: Tensor, scores: Tensor, t: float, block: int, chunk: int
         mask = torch.gt(iou, t, out=bufs[2][: m * m].view(m, m)).mul_(upper[:m, :m])
         kb = _greedy_block(mask)
         out.append(pos[:m][kb])
-        if m == r:
+        found += out[-1].numel()
+        if m == r or (max_keep is not None and found >= max_keep):  # the rest can only come later in order
             break
         kept, rest = [c[kb] for c in head], [c[m:] for c in cols]
         step = max(1, chunk // kept[0].shape[0])
@@ -117,7 +119,7 @@ def _nms_blocked(boxes: Tensor, scores: Tensor, t: float, block: int, chunk: int
         if idx.numel() == 0:
             break
         cols, pos = [c.index_select(0, idx) for c in rest], pos[m:].index_select(0, idx)
-    return order[torch.cat(out)]
+    return order[torch.cat(out)][:max_keep]
 
 
 def _use_torchvision(boxes: Tensor, scores: Tensor) -> bool:
@@ -141,18 +143,21 @@ def _use_torchvision(boxes: Tensor, scores: Tensor) -> bool:
     )
 
 
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: int | None = None) -> Tensor:
     """``torchvision.ops.nms``: indices (int64) of the kept boxes, by decreasing score; the same result.
 
     ``boxes`` (N, 4) as ``(x1, y1, x2, y2)`` with torchvision's (exclusive) width ``x2 - x1``; ``scores`` (N,).
+    ``max_keep``: only the first ``max_keep`` kept indices are wanted (``torchvision.ops.nms(...)[:max_keep]``,
+    exactly); greedy NMS decides in score order, so the work stops once that many are kept (the proposal
+    layer keeps RPN_POST_NMS_TOP_N of thousands).
     """
     if _use_torchvision(boxes, scores):
-        return torchvision.ops.nms(boxes, scores, iou_threshold)
+        return torchvision.ops.nms(boxes, scores, iou_threshold)[:max_keep]
     t = float(iou_threshold)
     if boxes.dtype == torch.float32:
         t = _round_down_f32(t)
     with torch.no_grad():
-        return _nms_blocked(boxes.detach(), scores.detach(), t, BLOCK, CHUNK)
+        return _nms_blocked(boxes.detach(), scores.detach(), t, BLOCK, CHUNK, max_keep)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:

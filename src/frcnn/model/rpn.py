@@ -70,9 +70,7 @@ def proposal_layer(
     rois, scores = [], []
     thresh = nms_threshold(nms_thresh, top_boxes.dtype)
     for i in range(n):
-        keep = nms(to_exclusive(top_boxes[i]), top_scores[i], thresh)
-        if post_nms_top_n > 0:
-            keep = keep[:post_nms_top_n]
+        keep = nms(to_exclusive(top_boxes[i]), top_scores[i], thresh, post_nms_top_n if post_nms_top_n > 0 else None)
         kept = top_boxes[i, keep]
         rois.append(torch.cat((kept.new_full((kept.shape[0], 1), i), kept), dim=1))
         scores.append(top_scores[i, keep])
