@@ -12,6 +12,7 @@ Pixel order: frcnn reads images as RGB (Pillow), so ``PIXEL_MEANS`` is the refer
 from __future__ import annotations
 
 import math
+import reprlib
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -191,6 +192,27 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
+# What PyYAML's safe loader raises on hostile text besides YAMLError: ValueError (``2020-13-45``, ``!!int x``),
+# KeyError (``!!bool x``), IndexError (``!!int`` with no value), AttributeError (``!!timestamp x``), and
+# RecursionError (``[[[[...`` a thousand deep).
+_YAML_FAILURES = (yaml.YAMLError, ValueError, LookupError, AttributeError, RecursionError)
+
+
+# Values in messages are shown cut short: YAML aliases nested in aliases (``&a [x, x]``, ``&b [*a, *a]``, ...) make a
+# list of 2**N items from a few hundred bytes, whose full repr would never end.
+_BRIEF = reprlib.Repr()
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict, _BRIEF.maxstring, _BRIEF.maxother = 3, 6, 6, 80, 80
+
+
+def _brief(value: Any) -> str:
+    return _BRIEF.repr(value)
+
+
+def _yaml_problem(e: BaseException) -> str:
+    """The first line of a YAML loading error, or its type when it has no text."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
 def _parse_number(key: str, text: str) -> float:
     try:
         return float(text)
@@ -205,32 +227,36 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} expects a list, got {value!r}")
+            raise ConfigError(f"{key} expects a list, got {_brief(value)}")
         (elem, _) = typing.get_args(hint)
         return tuple(_coerce(key, v, elem) for v in value)
     if hint in (int, float) and isinstance(value, str):
         value = _parse_number(key, value)  # YAML 1.1 reads "1e-3" as a string
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} expects a number, got {value!r}")
+            raise ConfigError(f"{key} expects a number, got {_brief(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an int of hundreds of digits
+            raise ConfigError(f"{key} expects a finite number, got an integer too large for a float") from None
         if not math.isfinite(value):
-            raise ConfigError(f"{key} expects a finite number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key} expects a finite number, got {_brief(value)}")
+        return value
     if hint is int:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} expects an integer, got {value!r}")
+            raise ConfigError(f"{key} expects an integer, got {_brief(value)}")
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} expects true or false, got {value!r}")
+            raise ConfigError(f"{key} expects true or false, got {_brief(value)}")
         return value
     if hint is str:
         if value is None:
             return ""
         if not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{key} expects a string, got {value!r}")
+            raise ConfigError(f"{key} expects a string, got {_brief(value)}")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {hint}")  # pragma: no cover - a bug in this file
 
@@ -238,14 +264,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
 def merge(cfg: Any, updates: dict[str, Any], prefix: str = "") -> Any:
     """A copy of ``cfg`` with the nested ``updates`` applied; unknown keys and wrong types raise."""
     if not isinstance(updates, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} expects a mapping, got {updates!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} expects a mapping, got {_brief(updates)}")
     hints = typing.get_type_hints(type(cfg))
     known = {f.name for f in fields(cfg)}
     changes: dict[str, Any] = {}
     for key, value in updates.items():
         full = f"{prefix}{key}"
         if key not in known:
-            raise ConfigError(f"unknown config key {full} (known: {', '.join(sorted(known))})")
+            shown = full if full.isprintable() else repr(full)  # a key with a line break stays one line
+            raise ConfigError(f"unknown config key {shown} (known: {', '.join(sorted(known))})")
         current = getattr(cfg, key)
         if is_dataclass(current):
             changes[key] = merge(current, value, prefix=f"{full}.")
@@ -264,7 +291,7 @@ def parse_override(text: str) -> dict[str, Any]:
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except _YAML_FAILURES:  # not YAML: the text itself
         value = raw
     parts = key.strip().split(".")
     nested: dict[str, Any] = {parts[-1]: value}
@@ -284,22 +311,31 @@ def load_config(preset_or_yaml: str | None = None, overrides: typing.Iterable[st
             cfg = merge(cfg, PRESETS[preset_or_yaml])
         else:
             path = Path(preset_or_yaml)
-            if not path.is_file():
+            try:
+                text = path.read_text(encoding="utf-8") if path.is_file() else None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except (OSError, ValueError):  # a name the OS cannot look up (too long), an unreadable file
+                text = None
+            if text is None:
                 raise ConfigError(
-                    f"--config {preset_or_yaml}: neither a preset ({', '.join(PRESETS)}) nor a YAML file"
+                    f"--config {preset_or_yaml!r}: neither a preset ({', '.join(PRESETS)}) nor a readable YAML file"
                 )
             try:
-                data = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+                data = yaml.safe_load(text) or {}
+            except _YAML_FAILURES as e:
+                raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"{path}: expected a mapping of config keys")
             preset = data.pop("PRESET", None)
             if preset is not None:
-                if preset not in PRESETS:
-                    raise ConfigError(f"{path}: unknown PRESET {preset!r} (known: {', '.join(PRESETS)})")
+                if not isinstance(preset, str) or preset not in PRESETS:
+                    raise ConfigError(f"{path}: unknown PRESET {_brief(preset)} (known: {', '.join(PRESETS)})")
                 cfg = merge(cfg, PRESETS[preset])
-            cfg = merge(cfg, data)
+            try:
+                cfg = merge(cfg, data)
+            except ConfigError as e:  # name the file
+                raise ConfigError(f"{path}: {e}") from None
     for text in overrides:
         cfg = merge(cfg, parse_override(text))
     return cfg

@@ -43,6 +43,7 @@ from PIL import Image
 
 from frcnn.data.images import PathOutside, open_image, path_inside
 from frcnn.data.sample import Sample
+from frcnn.data.voc import is_dir, is_file, shown
 from frcnn.errors import DataError
 
 __all__ = ["COCODataset", "boxes_to_coco", "is_coco_json", "read_json", "write_coco_json"]
@@ -51,7 +52,7 @@ __all__ = ["COCODataset", "boxes_to_coco", "is_coco_json", "read_json", "write_c
 def is_coco_json(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a file that looks like a COCO annotation JSON (a ``.json`` name or a leading ``{``)."""
     path = Path(path)
-    if not path.is_file():
+    if not is_file(path):
         return False
     if path.suffix.lower() == ".json":
         return True
@@ -75,6 +76,16 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def is_finite_number(x: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float (an int of 400 digits is not)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _resolve_image(images_dir: Path, file_name: str, where: str) -> Path:
     """The absolute ``images_dir / file_name``, refusing names that leave ``images_dir``, lexically or through a
     symbolic link (:func:`frcnn.data.images.path_inside`)."""
@@ -91,7 +102,7 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(f)
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         raise DataError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise DataError(f"{path}: refused: JSON nested too deeply") from None
@@ -138,7 +149,7 @@ def _check_images(data: dict, json_path: Path, images_dir: Path) -> dict[int, Pa
         if not isinstance(file_name, str) or not file_name:
             raise DataError(f"{where}: needs a 'file_name'")
         for key in ("width", "height"):
-            if not _is_int(img.get(key)) or img[key] < 1:
+            if not _is_int(img.get(key)) or img[key] < 1 or not is_finite_number(img[key]):
                 raise DataError(f"{where}: '{key}' must be a positive integer, got {img.get(key)!r}")
         paths[img["id"]] = _resolve_image(images_dir, file_name, where)
     return paths
@@ -156,15 +167,15 @@ def _check_annotations(data: dict, json_path: Path, cats: dict[int, str]) -> Non
         if ann["id"] in seen:
             raise DataError(f"{where}: appears twice")
         seen.add(ann["id"])
-        if ann.get("image_id") not in images or not _is_int(ann.get("image_id")):
+        if not _is_int(ann.get("image_id")) or ann["image_id"] not in images:
             raise DataError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
-        if ann.get("category_id") not in cats or not _is_int(ann.get("category_id")):
+        if not _is_int(ann.get("category_id")) or ann["category_id"] not in cats:
             raise DataError(f"{where}: category_id {ann.get('category_id')!r} is not in 'categories'")
         bbox = ann.get("bbox")
         if (not isinstance(bbox, list) or len(bbox) != 4
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
             raise DataError(f"{where}: 'bbox' must be [x, y, w, h] numbers, got {bbox!r}")
-        if not all(math.isfinite(v) for v in bbox):
+        if not all(is_finite_number(v) for v in bbox):
             raise DataError(f"{where}: 'bbox' has a non-finite number {bbox!r}")
         if bbox[2] < 0 or bbox[3] < 0:
             raise DataError(f"{where}: 'bbox' has a negative width or height {bbox!r}")
@@ -177,7 +188,7 @@ def _check_annotations(data: dict, json_path: Path, cats: dict[int, str]) -> Non
             raise DataError(f"{where}: 'iscrowd' must be 0 or 1, got {crowd!r}")
         ann["iscrowd"] = int(crowd)
         area = ann.get("area")
-        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
+        if not is_finite_number(area):
             ann["area"] = float(bbox[2] * bbox[3])
 
 
@@ -206,10 +217,10 @@ class COCODataset:
         from pycocotools.coco import COCO
 
         self.json_path = Path(json_path)
-        if not self.json_path.is_file():
+        if not is_file(self.json_path):
             raise DataError(f"{self.json_path}: no such COCO annotation file")
         self.images_dir = Path(images) if images is not None else self.json_path.parent
-        if not self.images_dir.is_dir():
+        if not is_dir(self.images_dir):
             raise DataError(f"{self.images_dir}: no such images folder")
         data = _load_json(self.json_path)
         cats = _check_categories(data, self.json_path)
@@ -266,8 +277,8 @@ class COCODataset:
         self.coco_image_ids: tuple[int, ...] = tuple(img["id"] for img in data["images"])
         self.ids: tuple[str, ...] = tuple(s.image_id for s in samples)
         for s in samples:
-            if not s.path.is_file():
-                raise DataError(f"{self.json_path}: image {s.image_id}: {s.path} does not exist")
+            if not is_file(s.path):
+                raise DataError(f"{self.json_path}: image {s.image_id}: {shown(s.path)} does not exist")
 
     def __len__(self) -> int:
         return len(self._samples)

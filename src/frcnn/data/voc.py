@@ -41,7 +41,7 @@ from frcnn.data.problems import Problem
 from frcnn.data.sample import Sample
 from frcnn.errors import DataError
 
-__all__ = ["VOCDataset", "parse_voc_xml", "write_voc_xml"]
+__all__ = ["VOCDataset", "is_dir", "is_file", "parse_voc_xml", "shown", "write_voc_xml"]
 
 _COORDS = ("xmin", "ymin", "xmax", "ymax")
 
@@ -65,6 +65,29 @@ class _Annotation:
 
 
 # ------------------------------------------------------------------------------------------ reading
+
+
+def is_file(path: str | os.PathLike) -> bool:
+    """``Path.is_file`` that answers False instead of raising for a name the OS cannot look up (too long)."""
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def shown(path: str | os.PathLike) -> str:
+    """``path`` for a one-line message: as it is, or quoted with escapes if a line break (or another character
+    that does not print) is part of the name, as a ``<filename>`` or ``file_name`` of the data may make it."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def is_dir(path: str | os.PathLike) -> bool:
+    """``Path.is_dir`` that answers False instead of raising for a name the OS cannot look up (too long)."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 def _text(parent, tag: str, where: str, xml_path: Path) -> str:
@@ -150,6 +173,8 @@ def _parse(xml_path: Path):
         raise DataError(f"{xml_path}: refused unsafe XML ({type(e).__name__}: entities/DTDs are not allowed)") from None
     except SafeET.ParseError as e:
         raise DataError(f"{xml_path}: XML does not parse ({e})") from None
+    except (LookupError, ValueError) as e:  # an encoding Python lacks (bogus, rot13) or expat cannot use (utf-32)
+        raise DataError(f"{xml_path}: XML does not parse ({e})") from None
     except OSError as e:
         raise DataError(f"{xml_path}: cannot read ({e.strerror or e})") from None
 
@@ -162,7 +187,7 @@ def _read_annotation(xml_path: Path, images_dir: Path, problems: list[Problem] |
     try:
         root = _parse(xml_path)
     except DataError as e:
-        kind = ("missing-annotation" if not xml_path.is_file() else
+        kind = ("missing-annotation" if not is_file(xml_path) else
                 "unsafe-xml" if "unsafe XML" in str(e) else "unparsable-annotation")
         _note(problems, xml_path, kind, e)
         return None
@@ -267,15 +292,15 @@ class VOCDataset:
         annotations_dir = self.root / "Annotations"
         images_dir = self.root / "JPEGImages"
         sets_dir = self.root / "ImageSets" / "Main"
-        if not self.root.is_dir():
+        if not is_dir(self.root):
             raise DataError(f"{self.root}: no such data folder")
         for folder in (annotations_dir, images_dir, sets_dir):
-            if not folder.is_dir():
+            if not is_dir(folder):
                 raise DataError(
                     f"{folder}: missing folder (a VOC root holds Annotations/, JPEGImages/, ImageSets/Main/)"
                 )
         split_file = sets_dir / f"{split}.txt"
-        if not split_file.is_file():
+        if not is_file(split_file):
             available = sorted(p.stem for p in sets_dir.glob("*.txt") if "_" not in p.stem)
             raise DataError(f"{split_file}: no such split (available: {', '.join(available) or 'none'})")
         self.listed: tuple[str, ...] = _read_split(split_file)
@@ -285,8 +310,8 @@ class VOCDataset:
         self.ids: tuple[str, ...] = tuple(i for i, _ in kept)
         annotations = [ann for _, ann in kept]
         for ann in annotations:
-            if problems is None and not ann.image_path.is_file():
-                raise DataError(f"{ann.xml_path}: image {ann.image_path} does not exist")
+            if problems is None and not is_file(ann.image_path):
+                raise DataError(f"{ann.xml_path}: image {shown(ann.image_path)} does not exist")
 
         if classes is None:
             classes = sorted({o.name for ann in annotations for o in ann.objects})
@@ -323,12 +348,18 @@ class VOCDataset:
 def _read_split(split_file: Path) -> tuple[str, ...]:
     ids: list[str] = []
     seen: set[str] = set()
-    for line_no, line in enumerate(split_file.read_text().splitlines(), start=1):
+    try:
+        text = split_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{split_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{split_file}: cannot read ({e.strerror or e})") from None
+    for line_no, line in enumerate(text.splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
         image_id = fields[0]
-        if image_id in (".", "..") or Path(image_id).name != image_id:
+        if image_id in (".", "..") or Path(image_id).name != image_id or "\0" in image_id:
             raise DataError(f"{split_file}: line {line_no}: {image_id!r} is not a plain image id")
         if image_id in seen:
             raise DataError(f"{split_file}: line {line_no}: image id {image_id!r} is listed twice")

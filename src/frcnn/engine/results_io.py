@@ -24,11 +24,11 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from frcnn.data.coco import boxes_to_coco, read_json
+from frcnn.data.coco import boxes_to_coco, is_finite_number, read_json
+from frcnn.data.voc import is_dir, is_file, shown
 from frcnn.errors import DataError
 from frcnn.model.detector import Detections
 
@@ -77,10 +77,6 @@ def write_coco_results(path: str | os.PathLike, dataset, detections: Sequence[De
     return path
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def read_coco_results(path: str | os.PathLike, dataset) -> list[Detections]:
     """Read a COCO results JSON into one :class:`Detections` per image of ``dataset``.
 
@@ -107,11 +103,13 @@ def read_coco_results(path: str | os.PathLike, dataset) -> list[Detections]:
         i = row.get(str(e["image_id"]))
         if i is None:
             raise DataError(f"{where}: image_id {e['image_id']!r} is not in the data")
-        label = to_label.get(e["category_id"]) if isinstance(e["category_id"], int) else None
+        category = e["category_id"]
+        label = to_label.get(category) if isinstance(category, int) and not isinstance(category, bool) else None
         if label is None:
             raise DataError(f"{where}: category_id {e['category_id']!r} is not one of the data's classes")
         bb = e["bbox"]
-        if not isinstance(bb, list) or len(bb) != 4 or not all(_number(v) for v in bb) or not _number(e["score"]):
+        if not isinstance(bb, list) or len(bb) != 4 or not all(is_finite_number(v) for v in bb) \
+                or not is_finite_number(e["score"]):
             raise DataError(f"{where}: bbox must be 4 finite numbers [x, y, w, h] and score a finite number")
         x, y, w, h = (float(v) for v in bb)
         boxes[i].append([x, y, x + w - 1.0, y + h - 1.0])
@@ -161,8 +159,8 @@ def _comp4_files(folder: Path, classes: Sequence[str]) -> dict[str, Path]:
         for name in by_length:
             if path.name.endswith(f"_{name}.txt"):
                 if name in found:
-                    raise DataError(f"{folder}: two results files for class {name!r}: {found[name].name}, "
-                                    f"{path.name}")
+                    raise DataError(f"{folder}: two results files for class {name!r}: {found[name].name!r}, "
+                                    f"{path.name!r}")
                 found[name] = path
                 break
     return found
@@ -173,8 +171,8 @@ def read_comp4(folder_or_file: str | os.PathLike, dataset) -> list[Detections]:
     read) into one :class:`Detections` per image of ``dataset``. A class without a file has no detections;
     a folder with no results file at all is refused."""
     path = Path(folder_or_file)
-    folder = path.parent if path.is_file() else path
-    if not folder.is_dir():
+    folder = path.parent if is_file(path) else path
+    if not is_dir(folder):
         raise DataError(f"{path}: no such results file or folder")
     files = _comp4_files(folder, dataset.classes)
     if not files:
@@ -189,25 +187,26 @@ def read_comp4(folder_or_file: str | os.PathLike, dataset) -> list[Detections]:
         if name not in files:
             continue
         file = files[name]
+        where = shown(file)  # a file name may hold a line break
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{file}: cannot read ({e})") from None
+            raise DataError(f"{where}: cannot read ({e})") from None
         for line_no, line in enumerate(text.splitlines(), start=1):
             fields = line.split()
             if not fields:
                 continue
             if len(fields) != 6:
-                raise DataError(f"{file}: line {line_no}: expected 'image_id score x1 y1 x2 y2', got {line!r}")
+                raise DataError(f"{where}: line {line_no}: expected 'image_id score x1 y1 x2 y2', got {line!r}")
             i = row.get(fields[0])
             if i is None:
-                raise DataError(f"{file}: line {line_no}: image {fields[0]!r} is not in the data")
+                raise DataError(f"{where}: line {line_no}: image {fields[0]!r} is not in the data")
             try:
                 numbers = [float(v) for v in fields[1:]]
             except ValueError:
-                raise DataError(f"{file}: line {line_no}: non-numeric score or coordinate in {line!r}") from None
+                raise DataError(f"{where}: line {line_no}: non-numeric score or coordinate in {line!r}") from None
             if not all(math.isfinite(v) for v in numbers):
-                raise DataError(f"{file}: line {line_no}: non-finite score or coordinate in {line!r}")
+                raise DataError(f"{where}: line {line_no}: non-finite score or coordinate in {line!r}")
             scores[i].append(numbers[0])
             boxes[i].append([v - 1.0 for v in numbers[1:]])
             labels[i].append(k)
@@ -217,8 +216,8 @@ def read_comp4(folder_or_file: str | os.PathLike, dataset) -> list[Detections]:
 def read_detections(path: str | os.PathLike, dataset) -> list[Detections]:
     """``--detections``: a COCO results JSON (a file whose name ends in ``.json``), else comp4 files."""
     path = Path(path)
-    if not path.exists():
+    if not (is_file(path) or is_dir(path)):
         raise DataError(f"{path}: no such detections file or folder")
-    if path.is_file() and path.suffix.lower() == ".json":
+    if is_file(path) and path.suffix.lower() == ".json":
         return read_coco_results(path, dataset)
     return read_comp4(path, dataset)
