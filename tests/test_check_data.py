@@ -269,3 +269,21 @@ def test_train_stops_before_the_first_iteration_on_unrepairable(tmp_path, capsys
     assert len(err.splitlines()) == 1 and "b.jpg: cannot read image: data truncated" in err
     assert "frcnn check-data --data" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("text, says", [("[" * 100000 + "]" * 100000, "nested too deeply"),
+                                        ('{"images": [], "categories": [], "x": 1' + "0" * 5000 + "}",
+                                         "not valid JSON")])
+def test_check_data_reports_json_python_cannot_read(tmp_path, text, says, capsys):
+    path = tmp_path / "ann.json"
+    path.write_text(text)
+    code = main(["check-data", "--data", str(path), "--json"])
+    assert code in (1, 2)
+    out = capsys.readouterr()
+    assert says in out.out + out.err and "Traceback" not in out.err
+
+
+def test_an_error_about_a_name_with_a_line_break_stays_one_line(tmp_path, capsys):
+    assert main(["eval", "--detections", str(tmp_path / "a\nb.json"), "--data", str(tmp_path / "x\ny")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "\\n" in err

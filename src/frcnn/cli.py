@@ -48,6 +48,23 @@ def _add_fast_arg(p: argparse.ArgumentParser) -> None:
                         "convolutions, channels-last where faster; same detections up to float rounding)")
 
 
+def _add_engine_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--engine", choices=("torch", "onnxruntime"), default="torch",
+                   help=f"torch (default): the checkpoint folder in PyTorch; onnxruntime: a model written by frcnn "
+                        f"export, {what} (needs the onnx extra: pip install 'frcnn[onnx]'; CPU only)")
+
+
+def _predictor(args: argparse.Namespace, device):
+    """The engine ``--engine`` names, on ``--checkpoint``: a Predictor or an OnnxPredictor (same interface)."""
+    if args.engine == "onnxruntime":
+        from frcnn.engine.onnx_engine import OnnxPredictor
+
+        return OnnxPredictor.open(args.checkpoint, args.device)
+    from frcnn.engine.inference import Predictor
+
+    return Predictor.from_checkpoint(args.checkpoint, device, fast=args.fast)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frcnn", description="Faster R-CNN: train, evaluate, detect, explain.")
     parser.add_argument("--version", action="version", version=f"frcnn {__version__}")
@@ -95,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint or detections on VOC or COCO data (per-class AP, mAP)",
                        description="Evaluate a checkpoint (or detections made elsewhere) with the reference VOC AP "
                                    "(IoU > 0.5, +1 pixel convention) and, on COCO data, pycocotools' COCOeval.")
-    p.add_argument("--checkpoint", type=Path, help="checkpoint folder (a training run's --out)")
+    p.add_argument("--checkpoint", type=Path,
+                   help="checkpoint folder (a training run's --out); with --engine onnxruntime a .onnx file or a "
+                        "folder holding model.onnx")
     _add_data_args(p, "evaluate, e.g. test")
     p.add_argument("--detections", type=Path, metavar="FILE",
                    help="evaluate these detections instead of running a checkpoint: a COCO results JSON, or the "
@@ -115,16 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_arg(p)
     _add_fast_arg(p)
+    _add_engine_arg(p, "--checkpoint names the .onnx file or a folder holding model.onnx")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("detect", help="detect objects in images; write a drawn PNG and a JSON per image",
                        description="Run a checkpoint on images (files or folders of images).")
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="checkpoint folder; with --engine onnxruntime a .onnx file or a folder holding model.onnx")
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE_OR_FOLDER")
     p.add_argument("--out", required=True, type=Path, help="folder for the results (existing files are kept)")
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score to report (default 0.5)")
     _add_device_arg(p)
     _add_fast_arg(p)
+    _add_engine_arg(p, "--checkpoint names the .onnx file or a folder holding model.onnx")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("explain", help="one image through every stage of the detector, as an HTML page of pictures",
@@ -161,7 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     _add_fast_arg(p)
+    _add_engine_arg(p, "--config names the .onnx file (or a folder holding model.onnx), or a preset, YAML or "
+                       "checkpoint that is exported first (time per stage: pre-processing and the whole graph)")
     p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("export", help="write the detector as an ONNX file for onnxruntime (--engine onnxruntime)",
+                       description="Export a checkpoint's whole detector to ONNX (opset 20, dynamo exporter): head, "
+                                   "anchors, RPN, proposal layer, RoI pooling, classification and per-class NMS, "
+                                   "for one pre-processed image of any size; class names and config go into its "
+                                   "metadata. Needs the onnx extra: pip install 'frcnn[onnx]'.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (a training run's --out)")
+    p.add_argument("--out", required=True, type=Path, metavar="MODEL.onnx",
+                   help="the file to write (refused if it exists)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="an HTML page of a training run: losses, learning rate, AP, detections",
                        description="Write RUN_DIR/report/index.html (or --out): loss curves and learning rate from "
@@ -267,7 +301,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from frcnn.engine import distributed as dist
     from frcnn.engine import evaluate as ev
     from frcnn.engine.checkpoint import choose_device
-    from frcnn.engine.inference import Predictor
     from frcnn.engine.results_io import comp4_name, read_detections, write_coco_results, write_comp4
     from frcnn.errors import ConfigError, DataError
 
@@ -280,8 +313,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           "(the AP metrics keep their own IoU)")
     iou = ev.check_iou(0.5 if args.iou is None else args.iou)
     world = dist.join(choose_device(args.device, "--device"))  # under torchrun: a share of the images each
-    predictor = (Predictor.from_checkpoint(args.checkpoint, world.device, fast=args.fast)
-                 if args.checkpoint is not None else None)
+    predictor = _predictor(args, world.device) if args.checkpoint is not None else None
     dataset = _open_data(args, args.split, predictor.class_names if predictor else None)
     if args.metric == "coco" and not ev.is_coco(dataset):
         raise DataError(f"--metric coco needs COCO data (an annotation JSON); {args.data} is VOC: use voc07 or voc2010")
@@ -340,11 +372,10 @@ def _image_files(inputs: Sequence[Path]) -> list[Path]:
 def cmd_detect(args: argparse.Namespace) -> int:
     from frcnn.engine.checkpoint import choose_device
     from frcnn.engine.detect import detect_files
-    from frcnn.engine.inference import Predictor
 
     device = choose_device(args.device, "--device")
     files = _image_files(args.inputs)
-    predictor = Predictor.from_checkpoint(args.checkpoint, device, fast=args.fast)
+    predictor = _predictor(args, device)
     for written in detect_files(predictor, files, args.out, args.threshold):
         print(written)
     return 0
@@ -383,14 +414,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             raise ConfigError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
     checkpoint = Path(args.config)
+    if args.engine == "onnxruntime" and (checkpoint.suffix == ".onnx" or (checkpoint / "model.onnx").is_file()):
+        return _benchmark_onnx_file(args, checkpoint)
     cfg = load_config(str(checkpoint / CONFIG) if (checkpoint / CONFIG).is_file() else args.config, args.overrides)
-    size = _parse_size(args.size) if args.size else (
-        cfg.TEST.SCALES[0], min(cfg.TEST.MAX_SIZE, round(cfg.TEST.SCALES[0] * 5 / 3)))
-    if min(size) < 2 * cfg.FEAT_STRIDE:
-        raise ConfigError(f"--size {size[0]}x{size[1]}: each side must be at least 2 x FEAT_STRIDE "
-                          f"({2 * cfg.FEAT_STRIDE} px)")
-    if args.runs < 1 or args.warmup < 0:
-        raise ConfigError("--runs must be at least 1 and --warmup at least 0")
+    size = _benchmark_size(args, cfg)
     updates = [f"TEST.SCALES=[{min(size)}]", f"TEST.MAX_SIZE={max(size)}"]  # the image is fed at its own size
     if args.rois is not None:
         if args.rois < 1:
@@ -408,12 +435,77 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         classes = tuple(f"class{i}" for i in range(1, 21))
         model = FasterRCNN(merge(cfg, {"PRETRAINED": ""}), len(classes), load_pretrained=False).to(device).eval()
         random_rpn(model)
+    if args.engine == "onnxruntime":  # the same model, exported first
+        return _benchmark_exported(args, model, cfg, classes, size)
     if args.fast:
         from frcnn.engine.fast import prepare_for_inference
 
         model = prepare_for_inference(model)
     result = run_benchmark(model, cfg, classes, size, runs=args.runs, warmup=args.warmup)
     print(json.dumps(result.to_json()) if args.json else format_result(result))
+    return 0
+
+
+def _benchmark_size(args: argparse.Namespace, cfg) -> tuple[int, int]:
+    """``--size`` (default: TEST.SCALES[0] x the long side at 5:3), checked against the stride; also checks
+    ``--runs`` and ``--warmup``."""
+    from frcnn.errors import ConfigError
+
+    size = _parse_size(args.size) if args.size else (
+        cfg.TEST.SCALES[0], min(cfg.TEST.MAX_SIZE, round(cfg.TEST.SCALES[0] * 5 / 3)))
+    if min(size) < 2 * cfg.FEAT_STRIDE:
+        raise ConfigError(f"--size {size[0]}x{size[1]}: each side must be at least 2 x FEAT_STRIDE "
+                          f"({2 * cfg.FEAT_STRIDE} px)")
+    if args.runs < 1 or args.warmup < 0:
+        raise ConfigError("--runs must be at least 1 and --warmup at least 0")
+    return size
+
+
+def _benchmark_onnx_file(args: argparse.Namespace, path: Path) -> int:
+    """``frcnn benchmark --engine onnxruntime --config MODEL.onnx``: the file as exported (its RoI counts and
+    thresholds are in the graph, so --set and --rois are refused); the image is fed at --size."""
+    from frcnn.config import merge
+    from frcnn.engine.onnx_engine import OnnxPredictor
+    from frcnn.errors import ConfigError
+
+    if args.overrides or args.rois is not None:
+        raise ConfigError(f"{path}: --set and --rois change the graph of an exported model; give a preset or a "
+                          "checkpoint instead (exported with them) or export again")
+    predictor = OnnxPredictor.open(path, args.device)
+    size = _benchmark_size(args, predictor.cfg)
+    predictor.cfg = merge(predictor.cfg, {"TEST": {"SCALES": [min(size)], "MAX_SIZE": max(size)}})
+    return _print_onnx_benchmark(args, predictor, size)
+
+
+def _benchmark_exported(args: argparse.Namespace, model, cfg, classes, size: tuple[int, int]) -> int:
+    """``frcnn benchmark --engine onnxruntime`` of a preset, YAML or checkpoint: exported to a temporary file."""
+    import tempfile
+
+    from frcnn.engine.export import export_model
+    from frcnn.engine.onnx_engine import OnnxPredictor
+
+    with tempfile.TemporaryDirectory(prefix="frcnn-benchmark-") as tmp:
+        started = time.perf_counter()
+        path = export_model(model, cfg, classes, Path(tmp) / "model.onnx", example_size=size)
+        if not args.json:
+            print(f"exported to ONNX in {time.perf_counter() - started:.0f} s")
+        return _print_onnx_benchmark(args, OnnxPredictor.open(path, args.device), size)
+
+
+def _print_onnx_benchmark(args: argparse.Namespace, predictor, size: tuple[int, int]) -> int:
+    from frcnn.engine.benchmark import machine_info
+    from frcnn.engine.onnx_engine import format_onnx_benchmark, run_onnx_benchmark
+
+    result = run_onnx_benchmark(predictor, size, runs=args.runs, warmup=args.warmup)
+    machine = machine_info()
+    print(json.dumps({**result, "machine": machine}) if args.json else format_onnx_benchmark(result, machine))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from frcnn.engine.export import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out))
     return 0
 
 
@@ -457,8 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except FrcnnError as e:
-        if main_process:
-            print(f"frcnn {args.command}: error: {e}", file=sys.stderr)
+        if main_process:  # one line, even for a name typed with a line break in it
+            message = str(e).replace("\r", "\\r").replace("\n", "\\n")
+            print(f"frcnn {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"frcnn {args.command}: interrupted", file=sys.stderr)

@@ -42,8 +42,10 @@ def _load(json_path: Path) -> tuple[dict | None, list[Problem]]:
             data = json.load(f)
     except OSError as e:
         raise DataError(f"{json_path}: cannot read ({e.strerror or e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
         return None, [Problem(str(json_path), "unparsable-annotation", f"not valid JSON ({e})")]
+    except RecursionError:
+        return None, [Problem(str(json_path), "unparsable-annotation", "JSON nested too deeply")]
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("categories"), list) or not isinstance(data.get("annotations", []), list):
         message = "not a COCO annotation file (an object with lists 'images', 'categories', 'annotations')"
