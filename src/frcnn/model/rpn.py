@@ -65,7 +65,10 @@ def proposal_layer(
     boxes = bbox_transform_inv(anchors.unsqueeze(0), deltas)
     boxes = clip_boxes(boxes, sizes[:, 0].view(n, 1, 1), sizes[:, 1].view(n, 1, 1))
     k = min(pre_nms_top_n, m) if pre_nms_top_n > 0 else m
-    top_scores, order = fg_scores.topk(k, dim=1)
+    # a stable sort, not topk: equal scores (flat image regions) keep the lower anchor index first, on every
+    # device and in the exported ONNX graph (whose TopK breaks ties so), so NMS keeps the same boxes
+    top_scores, order = fg_scores.sort(dim=1, descending=True, stable=True)
+    top_scores, order = top_scores[:, :k], order[:, :k]
     top_boxes = boxes.gather(1, order.unsqueeze(-1).expand(n, k, 4))
     rois, scores = [], []
     thresh = nms_threshold(nms_thresh, top_boxes.dtype)

@@ -1,0 +1,236 @@
+"""``frcnn export``: the whole detector as one ONNX file, for onnxruntime (:mod:`frcnn.engine.onnx_engine`).
+
+**What is in the graph.** Input ``image``: one pre-processed image, float32 ``(1, 3, H, W)``, already resized
+(short side ``TEST.SCALES[0]``, long side at most ``TEST.MAX_SIZE``) and normalised (``PIXEL_MEANS``,
+``PIXEL_STDS``) by frcnn's own :func:`frcnn.transforms.prep_image`; ``H`` and ``W`` are dynamic (any size,
+one file), and the true image size is the tensor's (a batch of one has no padding). Inside: the head, the
+anchors (shifted over the feature map's size in-graph, never cached constants), the RPN, the proposal layer
+(decode, clip, top ``TEST.RPN_PRE_NMS_TOP_N`` or fewer, NMS, top ``TEST.RPN_POST_NMS_TOP_N``), RoI pooling
+in the config's ``POOLING_MODE`` (``align``: ONNX ``RoiAlign``; ``pool``: ``MaxRoiPool``; ``crop``: the
+affine grid built from the RoIs and ``GridSample`` with ``align_corners``, then 2x2 max pooling), the
+classification network, class-specific decoding and clipping, ``TEST.SCORE_THRESH``, per-class NMS at
+``TEST.NMS`` (one ``NonMaxSuppression`` per class) and the ``TEST.MAX_PER_IMAGE`` cap. Outputs: ``boxes``
+``(D, 4)`` float32 in network-input pixels (+1 convention), ``scores`` ``(D,)`` float32, ``labels`` ``(D,)``
+int64 in ``1..K``, best score first. Pre-processing and mapping boxes back to the original image stay in
+Python (:class:`~frcnn.engine.onnx_engine.OnnxPredictor`), exactly as :class:`~frcnn.engine.inference.Predictor`
+does them, so both engines share that code. Batch: one image per run (the engine loops over images).
+
+**Exporter and opset.** ``torch.onnx.export(..., dynamo=True)`` (``torch.export`` + onnxscript), opset 20.
+The dynamo exporter is PyTorch's supported one (the TorchScript exporter is deprecated) and it keeps sizes
+symbolic: the feature map's size, ``min(RPN_PRE_NMS_TOP_N, anchors)`` (``torch.sym_min``) and every count
+after NMS or the score threshold stay expressions of the input, where the TorchScript tracer would turn a
+Python ``int`` of a shape into a constant. onnxscript translates torchvision's ``nms``, ``roi_align`` and
+``roi_pool`` into ONNX ``NonMaxSuppression``, ``RoiAlign`` and ``MaxRoiPool``; opset 20 is the exporter's
+default and has ``GridSample`` (16+) in its current form. After export the file is checked: its input must
+keep ``H`` and ``W`` symbolic (an export that silently specialised a size is refused).
+
+**The graph's code.** :class:`DetectorGraph` runs the trained model's own modules (head, RPN, classification
+network) and frcnn's box math (:mod:`frcnn.boxes`, :func:`frcnn.model.anchors.shift_anchors`); the proposal
+layer, pooling and post-processing are written here once more for a batch of one in export-friendly ops:
+sizes as tensors (``torch.as_tensor`` of a size would specialise it), torchvision's ``nms``/``roi_align``/
+``roi_pool`` (frcnn's own CPU kernels are not ONNX ops), per-class NMS unrolled over the K classes (K is fixed
+by the checkpoint). ``tests/test_export.py`` holds both paths to the same detections in every pooling mode.
+
+**Metadata** (``metadata_props``): ``frcnn.format`` (``frcnn-onnx``), ``frcnn.onnx_format`` (the graph's
+interface version, :data:`ONNX_FORMAT`), ``frcnn.version``, ``frcnn.classes`` (JSON list) and ``frcnn.config``
+(the full resolved YAML): the engine needs nothing but the ``.onnx`` file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import nms, roi_align, roi_pool
+
+from frcnn import __version__
+from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive
+from frcnn.config import Config, dump_yaml
+from frcnn.errors import CheckpointError, ConfigError
+from frcnn.model.anchors import shift_anchors
+from frcnn.model.detector import FasterRCNN
+
+ONNX_FORMAT = 1  # the graph's inputs, outputs and metadata; a change makes older files incompatible
+OPSET = 20
+FORMAT_KEY, FORMAT_VALUE = "frcnn.format", "frcnn-onnx"
+INPUT_NAMES, OUTPUT_NAMES = ["image"], ["boxes", "scores", "labels"]
+INSTALL_HINT = "pip install 'frcnn[onnx]'"
+
+
+def require(module: str, what: str):
+    """Import an optional dependency of the ``onnx`` extra, or a one-line ConfigError naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{what} needs {module}, which is not installed: {INSTALL_HINT}") from None
+
+
+def _size(n) -> Tensor:
+    """A (symbolic) size as a float32 scalar tensor; ``torch.as_tensor`` of a size would make it a constant."""
+    return torch.full((), n, dtype=torch.float32)
+
+
+def crop_pool_one(features: Tensor, boxes: Tensor, size: int, stride: int) -> Tensor:
+    """Crop pooling (:func:`frcnn.model.pooling.crop_pool`) of ``boxes`` (R, 4) from one image's ``features``
+    (1, C, H, W): the same affine grid written out per axis (``theta`` has no shear), one ``grid_sample`` of
+    all RoIs stacked into one tall grid, then 2x2 max pooling. (R, C, size, size)."""
+    _, c, h, w = features.shape
+    g = size * 2
+    x1, y1, x2, y2 = (boxes[:, k] / stride for k in range(4))
+    sw, sh = _size(torch.sym_max(w - 1, 1)), _size(torch.sym_max(h - 1, 1))
+    base = torch.linspace(-1.0, 1.0, g, dtype=boxes.dtype, device=boxes.device)  # affine_grid, align_corners
+    gx = ((x2 - x1) / sw)[:, None] * base + ((x1 + x2 - _size(w) + 1) / sw)[:, None]  # (R, g)
+    gy = ((y2 - y1) / sh)[:, None] * base + ((y1 + y2 - _size(h) + 1) / sh)[:, None]
+    r = boxes.shape[0]
+    grid = torch.stack((gx[:, None, :].expand(r, g, g), gy[:, :, None].expand(r, g, g)), dim=-1)
+    crops = F.grid_sample(features, grid.reshape(1, r * g, g, 2), mode="bilinear", align_corners=True)
+    return F.max_pool2d(crops.reshape(c, r, g, g).transpose(0, 1), 2, 2)
+
+
+def _roi_pool_to_onnx(features, rois, spatial_scale: float, pooled_height: int, pooled_width: int):
+    """``torchvision::roi_pool`` as ONNX ``MaxRoiPool`` (onnxscript's own translation takes another signature
+    and fails); the op's second output, the argmax, is unused at inference and given as a cast of the first."""
+    from onnxscript import opset20 as op
+
+    pooled = op.MaxRoiPool(features, rois, pooled_shape=[pooled_height, pooled_width], spatial_scale=spatial_scale)
+    return pooled, op.Cast(pooled, to=7)  # 7: int64
+
+
+class DetectorGraph(nn.Module):
+    """What ``frcnn export`` puts into the ONNX file: ``image`` (1, 3, H, W) pre-processed ->
+    ``(boxes (D, 4) network-input pixels, scores (D,), labels (D,) int64)``, best score first."""
+
+    def __init__(self, model: FasterRCNN):
+        super().__init__()
+        self.head, self.rpn, self.classifier = model.head, model.rpn, model.classifier
+        self.register_buffer("base_anchors", model.anchor_generator.base_anchors.clone(), persistent=False)
+        self.cfg, self.num_classes = model.cfg, model.num_classes
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        cfg, test = self.cfg, self.cfg.TEST
+        features = self.head(image)
+        _, _, fh, fw = features.shape
+        anchors = shift_anchors(self.base_anchors, fh, fw, cfg.FEAT_STRIDE)
+        logits, deltas = self.rpn(features)
+        height, width = _size(image.shape[2]), _size(image.shape[3])
+        # proposal layer (frcnn.model.rpn.proposal_layer) for one image
+        fg = logits[0].softmax(-1)[:, 1]
+        boxes = clip_boxes(bbox_transform_inv(anchors, deltas[0]), height, width)
+        k = torch.sym_min(test.RPN_PRE_NMS_TOP_N, fg.shape[0]) if test.RPN_PRE_NMS_TOP_N > 0 else fg.shape[0]
+        scores, order = fg.topk(k)  # ONNX TopK: ties keep the lower anchor index first, as rpn.py's stable sort
+        boxes = boxes[order]
+        keep = nms(to_exclusive(boxes), scores, nms_threshold(test.RPN_NMS_THRESH, boxes.dtype))
+        if test.RPN_POST_NMS_TOP_N > 0:
+            keep = keep[: test.RPN_POST_NMS_TOP_N]
+        proposals = boxes[keep]
+        rois = torch.cat((torch.zeros_like(proposals[:, :1]), proposals), dim=1)
+        # RoI pooling (frcnn.model.pooling.pool_rois)
+        size, scale = cfg.POOLING_SIZE, 1.0 / cfg.FEAT_STRIDE
+        if cfg.POOLING_MODE == "crop":
+            pooled = crop_pool_one(features, proposals, size, cfg.FEAT_STRIDE)
+        elif cfg.POOLING_MODE == "align":
+            pooled = roi_align(features, rois, (size, size), spatial_scale=scale, sampling_ratio=0)
+        else:
+            pooled = roi_pool(features, rois, (size, size), spatial_scale=scale)
+        cls_logits, bbox_pred = self.classifier(pooled)
+        return self.detect(proposals, cls_logits, bbox_pred, height, width)
+
+    def detect(self, proposals: Tensor, cls_logits: Tensor, bbox_pred: Tensor, height: Tensor,
+               width: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`frcnn.model.detector.FasterRCNN.detect` for one image. Kept detections are ordered by score,
+        ties by their (RoI, class) position, as torchvision's stable sort orders the PyTorch path's."""
+        test, k1 = self.cfg.TEST, self.num_classes + 1
+        probs = cls_logits.softmax(-1)
+        stds = bbox_pred.new_tensor(self.cfg.TRAIN.BBOX_NORMALIZE_STDS).repeat(k1)
+        means = bbox_pred.new_tensor(self.cfg.TRAIN.BBOX_NORMALIZE_MEANS).repeat(k1)
+        boxes = clip_boxes(bbox_transform_inv(proposals, bbox_pred * stds + means), height, width)
+        boxes = boxes.reshape(-1, k1, 4)
+        thresh = nms_threshold(test.NMS, boxes.dtype)
+        found_boxes, found_scores, found_labels, found_at = [], [], [], []
+        for c in range(1, k1):  # per-class NMS, one class at a time (K is fixed by the checkpoint)
+            sel = (probs[:, c] > test.SCORE_THRESH).nonzero().squeeze(1)
+            b, s = boxes[sel, c], probs[sel, c]
+            kept = nms(to_exclusive(b), s, thresh)
+            found_boxes.append(b[kept])
+            found_scores.append(s[kept])
+            found_labels.append(torch.full_like(kept, c))
+            found_at.append(sel[kept] * k1 + c)
+        at = torch.cat(found_at)
+        by_position = at.argsort()
+        scores = torch.cat(found_scores)[by_position]
+        # ONNX TopK puts the lower index first among equal values: a stable descending sort
+        order = by_position[scores.topk(scores.shape[0]).indices][: test.MAX_PER_IMAGE]
+        return torch.cat(found_boxes)[order], torch.cat(found_scores)[order], torch.cat(found_labels)[order]
+
+
+def metadata(cfg: Config, class_names: Sequence[str]) -> dict[str, str]:
+    return {FORMAT_KEY: FORMAT_VALUE, "frcnn.onnx_format": str(ONNX_FORMAT), "frcnn.version": __version__,
+            "frcnn.classes": json.dumps(list(class_names)), "frcnn.config": dump_yaml(cfg)}
+
+
+@torch.no_grad()
+def export_model(model: FasterRCNN, cfg: Config, class_names: Sequence[str], out: str | Path,
+                 example_size: tuple[int, int] | None = None) -> Path:
+    """Export ``model`` (any device; exported from a CPU copy in float32) to ``out``, which must not exist.
+    ``example_size``: the (H, W) of the example image the exporter traces with (default: the config's test
+    size); the file runs on any size."""
+    import copy
+
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} exists; export never overwrites: choose another --out")
+    onnx = require("onnx", "frcnn export")
+    require("onnxscript", "frcnn export")
+    model = copy.deepcopy(model).float().cpu().eval()
+    graph = DetectorGraph(model).eval()
+    if example_size is None:
+        example_size = (cfg.TEST.SCALES[0], max(cfg.TEST.SCALES[0], min(cfg.TEST.MAX_SIZE,
+                                                                       round(cfg.TEST.SCALES[0] * 4 / 3))))
+    image = torch.randn(1, 3, *example_size, generator=torch.Generator().manual_seed(0))
+    dims = {2: torch.export.Dim("height", min=2 * cfg.FEAT_STRIDE, max=8192),
+            3: torch.export.Dim("width", min=2 * cfg.FEAT_STRIDE, max=8192)}
+    translations = {torch.ops.torchvision.roi_pool.default: _roi_pool_to_onnx}
+    chatter = io.StringIO()
+    try:  # the exporter prints its progress and warns of deprecations: kept out of frcnn's output
+        with warnings.catch_warnings(), contextlib.redirect_stdout(chatter):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(graph, (image,), dynamo=True, opset_version=OPSET, input_names=INPUT_NAMES,
+                                        output_names=OUTPUT_NAMES, dynamic_shapes={"image": dims}, verbose=False,
+                                        external_data=False, custom_translation_table=translations)
+    except Exception as e:  # an op or a shape the exporter cannot take: one line, the exporter's first
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"torch.onnx.export failed ({type(e).__name__}: {first[:300]})") from e
+    proto = program.model_proto
+    dims_out = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    if not (isinstance(dims_out[2], str) and isinstance(dims_out[3], str)):
+        raise CheckpointError(f"export specialised the image size to {dims_out}: this model cannot be exported "
+                              "with a dynamic size")
+    for key, value in metadata(cfg, class_names).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    onnx.save_model(proto, str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def export_checkpoint(folder: str | Path, out: str | Path) -> Path:
+    """``frcnn export``: the checkpoint folder's detector as ONNX at ``out`` (refused if ``out`` exists)."""
+    from frcnn.engine.checkpoint import load_model
+
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} exists; export never overwrites: choose another --out")
+    model, ckpt = load_model(folder, "cpu")
+    return export_model(model, ckpt.cfg, ckpt.class_names, out)

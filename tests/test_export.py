@@ -1,0 +1,293 @@
+"""``frcnn export`` and the onnxruntime engine: one exported file (dynamic image size) gives PyTorch's detections
+at two image sizes (same count, labels equal, boxes within 0.01 px, scores within 1e-4) on the demo-cpu model,
+in every pooling mode, and on a small R50-C4 input; the CLI's --engine flag; one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import onnx  # the onnx extra, part of the test extra: CI runs these tests, never skips them
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from test_cli import _error_line
+
+from frcnn.cli import main
+from frcnn.config import load_config, merge
+from frcnn.data.synthetic import CLASSES, make_shapes_dataset
+from frcnn.engine.checkpoint import save_checkpoint
+from frcnn.engine.export import export_model
+from frcnn.engine.fast import prepare_for_inference
+from frcnn.engine.inference import Predictor
+from frcnn.engine.onnx_engine import OnnxPredictor
+from frcnn.model.detector import Detections, FasterRCNN
+
+# two pictures of different sizes: through TEST.SCALES they become network inputs of two different sizes
+SIZES = [(150, 200), (260, 210)]  # (h, w)
+
+
+def _picture(h: int, w: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randint(90, 150, (h, w, 3), generator=g, dtype=torch.uint8)
+    image = Image.fromarray(noise.numpy())
+    d = ImageDraw.Draw(image)
+    d.rectangle([w // 5, h // 5, w // 2, h // 2], fill=(220, 30, 30))
+    d.ellipse([w // 2, h // 3, w - 10, h - 10], fill=(30, 60, 220))
+    return image
+
+
+PICTURES = [_picture(h, w, i) for i, (h, w) in enumerate(SIZES)]
+
+
+def _calibrate(layer: torch.nn.Module, inputs: torch.Tensor, std: float, g: torch.Generator) -> None:
+    """Random weights for ``layer`` (a Linear or a 1x1 Conv2d) whose outputs on ``inputs`` spread by about
+    ``std`` around zero, whatever the scale of the inputs (random backbones differ by 1e5 in scale)."""
+    x = inputs.permute(0, 2, 3, 1).reshape(-1, inputs.shape[1]) if inputs.dim() == 4 else inputs
+    centre, spread = x.mean(0), (x - x.mean(0)).std().clamp(min=1e-12)
+    weight = torch.randn(layer.weight.shape[0], x.shape[1], generator=g) * std / (spread * x.shape[1] ** 0.5)
+    layer.weight.copy_(weight.view(layer.weight.shape))
+    layer.bias.copy_(-weight @ centre)
+
+
+@torch.no_grad()
+def _deterministic(model: FasterRCNN, seed: int = 0, cls_std: float = 3.0, box_std: float = 0.5) -> FasterRCNN:
+    """Weights that behave like a trained model's for this test, set from one calibration picture: objectness
+    logits spread by 1.5 (well-separated proposal scores, no saturated ties; the RPN's box deltas zero, as
+    benchmark's random_rpn), class logits by ``cls_std`` (a few confident detections) and box deltas by
+    ``box_std`` (the boxes move)."""
+    g = torch.Generator().manual_seed(seed)
+    model.eval()
+    rpn, classifier = model.rpn, model.classifier
+    seen: list[torch.Tensor] = []
+    picture = _picture(200, 260, 99)
+    for layer, std in ((rpn.rpn_cls_score_net, 1.5), (classifier.cls_score_net, cls_std),
+                       (classifier.bbox_pred_net, box_std)):
+        hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        Predictor(model, model.cfg, CLASSES).predict([picture])
+        hook.remove()
+        _calibrate(layer, seen.pop(), std, g)
+        if layer is rpn.rpn_cls_score_net:
+            rpn.rpn_bbox_pred_net.weight.zero_()
+            rpn.rpn_bbox_pred_net.bias.zero_()
+    return model
+
+
+def _demo_model(mode: str = "align") -> tuple[FasterRCNN, object]:
+    cfg = load_config("demo-cpu", ["DEVICE=cpu", f"POOLING_MODE={mode}", "TEST.RPN_POST_NMS_TOP_N=60"])
+    torch.manual_seed(0)
+    return _deterministic(FasterRCNN(cfg, len(CLASSES), load_pretrained=False)), cfg
+
+
+def assert_same_detections(a: Detections, b: Detections) -> tuple[float, float]:
+    """Same count, and each detection of ``a`` has its own in ``b``: label equal, box within 0.01 px, score
+    within 1e-4. (Matched, not compared in order: detections of exactly equal score, e.g. saturated at 1.0,
+    come in an unspecified order from PyTorch's sort.) Returns the largest box and score differences."""
+    assert len(a.scores) == len(b.scores)
+    assert a.boxes.dtype == b.boxes.dtype == a.scores.dtype == b.scores.dtype == torch.float32
+    free, worst = torch.ones(len(b.scores), dtype=torch.bool), (0.0, 0.0)
+    for box, score, label in zip(a.boxes, a.scores, a.labels):
+        fits = free & (b.labels == label) & ((b.boxes - box).abs().amax(1) <= 0.01) & ((b.scores - score).abs() <= 1e-4)
+        assert fits.any(), f"no match for {label.item()} {score.item()} {box.tolist()}"
+        j = fits.nonzero()[0, 0]
+        free[j] = False
+        worst = (max(worst[0], (b.boxes[j] - box).abs().max().item()), max(worst[1], abs(b.scores[j] - score).item()))
+    return worst
+
+
+def _parity(torch_predictor, onnx_predictor, pictures=PICTURES, confident: int = 3) -> list[int]:
+    counts = []
+    for picture in pictures:
+        ours, theirs = torch_predictor.predict([picture])[0], onnx_predictor.predict([picture])[0]
+        box_diff, score_diff = assert_same_detections(ours, theirs)
+        counts.append(int((ours.scores > 0.5).sum()))
+        print(f"parity {onnx_predictor.cfg.BACKBONE} {onnx_predictor.cfg.POOLING_MODE} {picture.size}: "
+              f"{len(ours.scores)} detections ({counts[-1]} above 0.5), boxes within {box_diff:.2e} px, "
+              f"scores within {score_diff:.2e}")  # pytest -s shows the figures
+    assert max(counts) >= confident, counts  # a few confident detections, not only near-zero scores
+    return counts
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    model, cfg = _demo_model()
+    return save_checkpoint_folder(tmp_path_factory.mktemp("ckpt") / "model", model, cfg)
+
+
+def save_checkpoint_folder(folder: Path, model: FasterRCNN, cfg) -> Path:
+    save_checkpoint(folder, model, cfg, CLASSES, iteration=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint) -> Path:
+    out = checkpoint / "model.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+def test_demo_cpu_onnxruntime_equals_pytorch_at_two_sizes_through_one_file(checkpoint, exported):
+    onnx_predictor = OnnxPredictor(exported)
+    assert onnx_predictor.class_names == CLASSES
+    sizes = {tuple(onnx_predictor.prepare(p).size) for p in PICTURES}
+    assert len(sizes) == 2  # two different network-input sizes, one file
+    _parity(Predictor.from_checkpoint(checkpoint, "cpu"), onnx_predictor)  # the fast path, as the CLI runs it
+    _parity(Predictor.from_checkpoint(checkpoint, "cpu", fast=False), onnx_predictor)
+
+
+def test_the_file_is_self_contained_with_a_dynamic_size(exported):
+    proto = onnx.load(str(exported))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["frcnn.format"] == "frcnn-onnx" and json.loads(meta["frcnn.classes"]) == list(CLASSES)
+    assert "POOLING_MODE: align" in meta["frcnn.config"]
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 1 and dims[1].dim_value == 3 and dims[2].dim_param and dims[3].dim_param
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"NonMaxSuppression", "RoiAlign", "TopK"} <= ops  # proposal layer, pooling and NMS are in the graph
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["crop", "pool"])
+def test_every_pooling_mode_exports_with_parity(mode, tmp_path):
+    model, cfg = _demo_model(mode)
+    path = export_model(model, cfg, CLASSES, tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ("GridSample" if mode == "crop" else "MaxRoiPool") in ops
+    _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), OnnxPredictor(path))
+
+
+@pytest.mark.slow
+def test_r50_c4_small_input_parity(tmp_path):
+    """Crop pooling (the preset's), 80 RoIs of 1024 channels: the PyTorch path pools by frcnn.model.roi_ops'
+    gathers there (above pooling.MIN_ROI_CHANNELS), the graph by GridSample."""
+    cfg = load_config("voc-r50-c4", ["DEVICE=cpu", "TEST.SCALES=[160]", "TEST.MAX_SIZE=256",
+                                     "TEST.RPN_PRE_NMS_TOP_N=600", "TEST.RPN_POST_NMS_TOP_N=80"])
+    torch.manual_seed(0)
+    model = _deterministic(FasterRCNN(merge(cfg, {"PRETRAINED": ""}), len(CLASSES), load_pretrained=False))
+    path = export_model(model, cfg, CLASSES, tmp_path / "r50.onnx", example_size=(160, 224))
+    pictures = [_picture(160, 224, 0), _picture(200, 150, 1)]  # network inputs 160x224 and 213x160
+    _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), OnnxPredictor(path), pictures)
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+
+def test_detect_with_onnxruntime_writes_what_torch_writes(checkpoint, exported, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, p in enumerate(PICTURES):
+        p.save(images / f"p{i}.png")
+    for engine, where in (("torch", checkpoint), ("onnxruntime", checkpoint)):  # a folder holding model.onnx
+        assert main(["detect", "--checkpoint", str(where), str(images), "--out", str(tmp_path / engine),
+                     "--engine", engine, "--threshold", "0.3"]) == 0
+    for i in range(len(PICTURES)):
+        a = json.loads((tmp_path / "torch" / f"p{i}.json").read_text())["detections"]
+        b = json.loads((tmp_path / "onnxruntime" / f"p{i}.json").read_text())["detections"]
+        assert [d["class"] for d in a] == [d["class"] for d in b]
+        for x, y in zip(a, b):
+            assert max(abs(u - v) for u, v in zip(x["box"], y["box"])) <= 0.011
+            assert abs(x["score"] - y["score"]) <= 1e-4 + 1e-5
+
+
+def test_eval_with_onnxruntime_scores_what_torch_scores(checkpoint, exported, tmp_path, capsys):
+    voc = tmp_path / "voc"
+    make_shapes_dataset(voc, num_trainval=1, num_test=3, image_size=(128, 160), seed=2)
+    results = {}
+    for engine, where in (("torch", checkpoint), ("onnxruntime", exported)):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(where), "--data", str(voc), "--split", "test", "--json",
+                     "--no-progress", "--engine", engine]) == 0
+        results[engine] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["torch"]["map"] == pytest.approx(results["onnxruntime"]["map"], abs=1e-6)
+    assert results["torch"]["per_class"] == pytest.approx(results["onnxruntime"]["per_class"], abs=1e-6)
+
+
+def test_benchmark_with_onnxruntime(exported, capsys):
+    assert main(["benchmark", "--config", str(exported), "--engine", "onnxruntime", "--size", "160x224",
+                 "--runs", "1", "--warmup", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["engine"] == "onnxruntime" and result["size"] == [160, 224]
+    assert result["total_ms"] > 0 and set(result["stages_ms"]) == {"preprocess", "graph"}
+    assert main(["benchmark", "--config", str(exported), "--engine", "onnxruntime", "--rois", "10"]) == 2
+    assert "--rois" in _error_line(capsys)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+def test_export_of_a_folder_that_is_no_checkpoint(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello")
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(out)]) == 2
+    assert "not a frcnn checkpoint" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_export_never_overwrites(checkpoint, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"mine")
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+    assert "exists" in _error_line(capsys)
+    assert out.read_bytes() == b"mine"
+
+
+def _foreign_onnx(path: Path) -> Path:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_an_onnx_file_that_is_not_frcnns(tmp_path, capsys):
+    path = _foreign_onnx(tmp_path / "foreign.onnx")
+    image = tmp_path / "p.png"
+    PICTURES[0].save(image)
+    out = tmp_path / "out"
+    assert main(["detect", "--checkpoint", str(path), str(image), "--out", str(out), "--engine", "onnxruntime"]) == 2
+    assert "not one frcnn exported" in _error_line(capsys)
+    assert not out.exists()
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not onnx at all" * 10)
+    assert main(["detect", "--checkpoint", str(garbage), str(image), "--out", str(out), "--engine",
+                 "onnxruntime"]) == 2
+    assert "cannot load it as an ONNX model" in _error_line(capsys)
+    assert main(["detect", "--checkpoint", str(tmp_path), str(image), "--out", str(out), "--engine",
+                 "onnxruntime"]) == 2
+    assert "no model.onnx in this folder" in _error_line(capsys)
+
+
+def test_an_onnx_file_of_another_format_version(exported, tmp_path, capsys):
+    proto = onnx.load(str(exported))
+    for p in proto.metadata_props:
+        if p.key == "frcnn.onnx_format":
+            p.value = "0"
+    old = tmp_path / "old.onnx"
+    onnx.save(proto, str(old))
+    assert main(["benchmark", "--config", str(old), "--engine", "onnxruntime", "--runs", "1"]) == 2
+    assert "export it again" in _error_line(capsys)
+
+
+def test_onnxruntime_not_installed(checkpoint, exported, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    image = tmp_path / "p.png"
+    PICTURES[0].save(image)
+    assert main(["detect", "--checkpoint", str(exported), str(image), "--out", str(tmp_path / "o"),
+                 "--engine", "onnxruntime"]) == 2
+    line = _error_line(capsys)
+    assert "onnxruntime" in line and "frcnn[onnx]" in line
+    assert not (tmp_path / "o").exists()
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "frcnn[onnx]" in _error_line(capsys)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_onnxruntime_runs_on_the_cpu_only(exported, tmp_path, capsys):
+    image = tmp_path / "p.png"
+    PICTURES[0].save(image)
+    with pytest.raises(Exception, match="runs on the CPU"):
+        OnnxPredictor.open(exported, "cuda")
