@@ -104,7 +104,7 @@ def verdicts(sample: Sample, det) -> tuple[list[Verdict], float]:
 def test_detector_overfits_a_tiny_set(tmp_path):
     """Trained to an optimum, the detector finds every object with the right class and a tight box, and nothing
     else comes close. The bounds sit far from what training reaches with RNG_SEED 0-3 and 1 or 2 threads (best
-    IoU at least 0.93, its score at least 0.998, anything else near an object at most 0.05, nothing away from
+    IoU at least 0.93, its score at least 0.998, anything else near an object at most 0.08, nothing away from
     them above 0.0001, loss down at least 35-fold), so float rounding cannot decide the verdict. A detector that
     confuses classes, misplaces boxes or does not learn fails it: decoding that ignored the regression deltas
     would leave anchor boxes (best IoU 0.64-0.75 on four of the six objects), deltas with the wrong sign put
