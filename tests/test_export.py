@@ -145,8 +145,31 @@ def test_the_file_is_self_contained_with_a_dynamic_size(exported):
     assert "POOLING_MODE: align" in meta["frcnn.config"]
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_value == 1 and dims[1].dim_value == 3 and dims[2].dim_param and dims[3].dim_param
-    ops = {n.op_type for n in proto.graph.node}
-    assert {"NonMaxSuppression", "RoiAlign", "TopK"} <= ops  # proposal layer, pooling and NMS are in the graph
+    ops = [n.op_type for n in proto.graph.node]
+    assert {"NonMaxSuppression", "RoiAlign", "TopK"} <= set(ops)  # proposal layer, pooling and NMS are in the graph
+    assert ops.count("NonMaxSuppression") == 2  # the proposal layer's, and one for every class at once
+
+
+def test_class_nms_is_per_class_nms():
+    """The custom op behind the graph's per-class NMS, run by PyTorch: torchvision's batched_nms, class by class."""
+    from torchvision.ops import batched_nms
+
+    from frcnn.engine.export import class_nms
+
+    g = torch.Generator().manual_seed(0)
+    k, r = 4, 50
+    corner = torch.rand(k, r, 2, generator=g) * 100
+    boxes = torch.cat((corner, corner + 5 + torch.rand(k, r, 2, generator=g) * 40), dim=-1)
+    scores = torch.rand(k, r, generator=g)
+    scores[1] = 0.0  # a class with no box above the threshold
+    kept = class_nms(boxes, scores, 0.5, 0.05)
+    assert kept.shape[1] == 2 and kept.dtype == torch.long
+    live = scores > 0.05
+    cls = torch.arange(k)[:, None].expand(k, r)
+    ref = batched_nms(boxes[live], scores[live], cls[live], 0.5)
+    expected = {(int(c), int(i)) for c, i in zip(cls[live][ref], live.nonzero()[ref][:, 1])}
+    assert {(int(c), int(i)) for c, i in kept} == expected and 1 not in kept[:, 0].tolist()
+    assert class_nms(boxes[:, :0], scores[:, :0], 0.5, 0.0).shape == (0, 2)
 
 
 @pytest.mark.slow
