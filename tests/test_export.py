@@ -182,6 +182,16 @@ def test_every_pooling_mode_exports_with_parity(mode, tmp_path):
     _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), OnnxPredictor(path))
 
 
+def test_no_detection_above_the_threshold_is_an_empty_result(tmp_path):
+    model, cfg = _demo_model()
+    cfg = merge(cfg, {"TEST": {"SCORE_THRESH": 0.9999}})
+    model.cfg = cfg
+    path = export_model(model, cfg, CLASSES, tmp_path / "m.onnx")
+    ours, theirs = Predictor(model, cfg, CLASSES).predict(PICTURES), OnnxPredictor(path).predict(PICTURES)
+    for a, b in zip(ours, theirs):
+        assert len(a.scores) == len(b.scores) == 0 and b.boxes.shape == (0, 4) and b.labels.shape == (0,)
+
+
 @pytest.mark.slow
 def test_r50_c4_small_input_parity(tmp_path):
     """Crop pooling (the preset's), 80 RoIs of 1024 channels: the PyTorch path pools by frcnn.model.roi_ops'
