@@ -270,5 +270,7 @@ def test_bad_out_under_torchrun_is_one_line_and_every_process_fails(voc, tmp_pat
     errors = [x for x in done.stderr.splitlines() if x.startswith("frcnn train: error:")]
     assert errors == [f"frcnn train: error: --out {tmp_path / 'file' / 'run'}: cannot write there (Not a directory)"]
     assert "frcnn/" not in done.stderr.replace("frcnn/engine/distributed", "")  # no traceback of ours
-    assert done.stderr.count("exitcode  : 2") == 2  # torchrun's summary: both processes exited with 2
+    # torchrun's summary: the first process to fail exited with 2 (the other also exits 2, unless torchrun's
+    # SIGTERM reaches it first); nobody hung, or the run would have hit TIMEOUT
+    assert "exitcode  : 2" in done.stderr
     assert (tmp_path / "file").read_text() == "not a folder"

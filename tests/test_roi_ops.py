@@ -66,7 +66,9 @@ def test_forward_and_feature_gradients_match(mode, dtype, relu):
                                                grad_out)
     tol = 0 if mode == "pool" else 1e-5
     torch.testing.assert_close(got, want, rtol=0, atol=tol)
-    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0 if mode == "pool" else 1e-5)
+    # pool gradients: exact with one worker thread; with two, two gradient tables are summed (rounding)
+    exact = mode == "pool" and torch.get_num_threads() == 1
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=0 if exact else 1e-5)
     assert got.dtype == dtype and got.is_contiguous()
 
 

@@ -159,9 +159,15 @@ def _run_blocks(plan: _Plan, block) -> None:
             block(*chunk)
         return
     pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, "frcnn-roi"))
+
+    def worker(k: int) -> None:
+        with torch.no_grad():  # grad mode is per thread: a worker's is on, unlike the autograd.Function's own
+            for chunk in chunks[k::threads]:
+                block(*chunk)
+
     torch.set_num_threads(1)
     try:
-        list(pool.map(lambda k: [block(*chunk) for chunk in chunks[k::threads]], range(threads)))
+        list(pool.map(worker, range(threads)))
     finally:
         torch.set_num_threads(threads)
 
