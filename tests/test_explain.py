@@ -225,3 +225,26 @@ def test_cli_explain_refuses_a_non_empty_out_and_bad_inputs_in_one_line(tmp_path
         assert err.startswith("frcnn explain: error:") and err.count("\n") == 1
     assert main(["explain", "--checkpoint", str(ckpt), str(tmp_path / "nope.png"), "--out", str(tmp_path / "o3")]) == 2
     assert (taken / "mine.txt").read_text() == "keep me" and sorted(p.name for p in taken.iterdir()) == ["mine.txt"]
+
+
+def test_ground_truth_is_read_as_training_reads_it(tmp_path):
+    """explain --gt: a box crossing the image is clipped and a 1-pixel box dropped, as training's reader does
+    (frcnn.data.open_repaired); an inverted box is one DataError line."""
+    from frcnn.data import open_repaired
+    from frcnn.data.voc import write_voc_xml
+    from frcnn.errors import DataError
+    from frcnn.explain.run import read_ground_truth
+
+    image_path = voc_folder(tmp_path)
+    xml = tmp_path / "Annotations" / "known.xml"
+    w, h = picture().size
+    # 0-based inclusive boxes (write_voc_xml adds VOC's 1): one crossing the right edge, one pixel, one inside
+    write_voc_xml(xml, "known.png", w, h, [("square", [120, 61, w + 15, 130]), ("circle", [5, 5, 5, 5]),
+                                           ("circle", [41, 31, 80, 70])])
+    gt = read_ground_truth(xml, image_path, picture(), CLASSES)
+    data = open_repaired(tmp_path, "test", CLASSES, drop_other_classes=False, progress=False)
+    assert torch.equal(gt.boxes, data[0].boxes) and torch.equal(gt.labels, data[0].labels)
+    assert gt.boxes.tolist() == [[120.0, 61.0, w - 1.0, 130.0], [41.0, 31.0, 80.0, 70.0]]  # by hand
+    write_voc_xml(xml, "known.png", w, h, [("circle", [50, 31, 41, 70])])
+    with pytest.raises(DataError, match="box 1 .* is inverted"):
+        read_ground_truth(xml, image_path, picture(), CLASSES)

@@ -249,17 +249,21 @@ def _to_sample(
 
 
 def parse_voc_xml(
-    xml_path: str | os.PathLike, class_to_index: Mapping[str, int], images_dir: str | os.PathLike | None = None
-) -> Sample:
+    xml_path: str | os.PathLike, class_to_index: Mapping[str, int], images_dir: str | os.PathLike | None = None,
+    problems: list[Problem] | None = None,
+) -> Sample | None:
     """Read one VOC annotation into a :class:`Sample` (boxes 0-based inclusive, labels from ``class_to_index``).
 
     ``images_dir`` defaults to ``<xml_path>/../../JPEGImages`` (the VOC layout). ``image_id`` is the XML's stem.
     Raises :class:`DataError` for unparsable or unsafe XML, missing tags, non-numeric coordinates,
     inverted boxes, boxes outside the image, unknown class names and a ``<filename>`` outside ``images_dir``.
+    With a ``problems`` list (lenient), those go into the list instead, boxes are not checked against the
+    image, and an annotation that cannot be read gives ``None``.
     """
     xml_path = Path(xml_path)
     images_dir = Path(images_dir) if images_dir is not None else xml_path.parent.parent / "JPEGImages"
-    return _to_sample(_read_annotation(xml_path, images_dir), class_to_index, xml_path.stem)
+    ann = _read_annotation(xml_path, images_dir, problems)
+    return None if ann is None else _to_sample(ann, class_to_index, xml_path.stem, problems)
 
 
 # ------------------------------------------------------------------------------------------ data set

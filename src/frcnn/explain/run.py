@@ -22,6 +22,7 @@ from torch import Tensor
 
 from frcnn.boxes import clip_boxes, scale_boxes
 from frcnn.config import Config
+from frcnn.data.repair import inverted, repair_sample
 from frcnn.data.voc import parse_voc_xml
 from frcnn.errors import DataError
 from frcnn.model.detector import Detections, FasterRCNN
@@ -71,14 +72,23 @@ def find_annotation(image_path: Path) -> Path | None:
 
 def read_ground_truth(xml_path: Path, image_path: Path, image: Image.Image,
                       class_names: tuple[str, ...]) -> GroundTruth:
-    """Non-difficult boxes of a VOC XML (classes named as the checkpoint names them)."""
+    """Non-difficult boxes of a VOC XML (classes named as the checkpoint names them), read as training reads
+    them: boxes crossing the image clipped, 1-pixel and duplicate boxes dropped (:func:`repair_sample`); what
+    training would stop on is one DataError line."""
     if not xml_path.is_file():
         raise DataError(f"{xml_path}: no such annotation file")
+    problems: list = []
     sample = parse_voc_xml(xml_path, {n: i for i, n in enumerate(class_names, start=1)},
-                           images_dir=Path(os.path.abspath(image_path)).parent)
+                           images_dir=Path(os.path.abspath(image_path)).parent, problems=problems)
+    if problems or sample is None:
+        raise DataError(problems[0].line)
     if (sample.width, sample.height) != image.size:
         raise DataError(f"{xml_path}: annotation says {sample.width}x{sample.height} but {image_path} is "
                         f"{image.width}x{image.height}")
+    if inverted(sample.boxes).any():
+        i = int(inverted(sample.boxes).nonzero()[0]) + 1
+        raise DataError(f"{xml_path}: box {i} {sample.boxes[i - 1].add(1).tolist()} is inverted (x2 < x1 or y2 < y1)")
+    sample, _ = repair_sample(sample, image.width, image.height)
     keep = ~sample.difficult
     return GroundTruth(sample.boxes[keep], sample.labels[keep], str(xml_path))
 
