@@ -9,24 +9,14 @@ call's time (the compile cost a user would pay).
 from __future__ import annotations
 
 import os
-import statistics
 import time
 
 import torch
 
 from frcnn.config import load_config
-from frcnn.engine.benchmark import random_rpn
+from frcnn.engine.benchmark import median_time, random_rpn
 from frcnn.engine.fast import prepare_for_inference
 from frcnn.model.detector import FasterRCNN
-
-
-def median_s(fn, runs: int = 3) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -38,14 +28,14 @@ def main() -> None:
     x, sizes = torch.randn(1, 3, 600, 1000), torch.tensor([[600, 1000]])
     eager = prepare_for_inference(model)
     eager(x, sizes)
-    eager_s = median_s(lambda: eager(x, sizes))
+    eager_s = median_time(lambda: eager(x, sizes), 3)
     compiled = prepare_for_inference(model)
     compiled.head = torch.compile(compiled.head)
     compiled.classifier.tail = torch.compile(compiled.classifier.tail, dynamic=True)
     start = time.perf_counter()
     compiled(x, sizes)
     first_s = time.perf_counter() - start
-    compiled_s = median_s(lambda: compiled(x, sizes))
+    compiled_s = median_time(lambda: compiled(x, sizes), 3)
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}, "
           f"load {os.getloadavg()}")
     print(f"R50-C4 600x1000 fast path: eager {eager_s:.3f} s, torch.compile (head + tail) {compiled_s:.3f} s, "

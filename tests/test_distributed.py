@@ -274,3 +274,21 @@ def test_bad_out_under_torchrun_is_one_line_and_every_process_fails(voc, tmp_pat
     # SIGTERM reaches it first); nobody hung, or the run would have hit TIMEOUT
     assert "exitcode  : 2" in done.stderr
     assert (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("name, value, says", [
+    ("FRCNN_DIST_TIMEOUT", "soon", "environment variable FRCNN_DIST_TIMEOUT='soon': expected a number >= 1"),
+    ("FRCNN_DIST_TIMEOUT", "0", "environment variable FRCNN_DIST_TIMEOUT='0': expected a number >= 1"),
+    ("WORLD_SIZE", "two", "environment variable WORLD_SIZE='two': expected a number >= 1"),
+    ("RANK", "5", "environment variable RANK=5 is not below WORLD_SIZE=2"),
+])
+def test_a_garbled_launcher_variable_is_one_line(name, value, says, monkeypatch, voc, tmp_path, capsys):
+    from frcnn.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(voc), "--split", "trainval", "--out", str(out), "--no-progress", *TINY])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"frcnn train: error: {says}"]
+    assert not torch.distributed.is_initialized() and not out.exists()

@@ -543,7 +543,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
-    main_process = env_rank() == 0
+    try:
+        main_process = env_rank() == 0
+    except FrcnnError:  # a garbled RANK: the commands that use it say so in one line
+        main_process = True
     if not main_process:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the other processes print nothing
     try:

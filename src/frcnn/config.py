@@ -362,22 +362,36 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def resolve_device(cfg: Config):
-    """The torch device named by ``DEVICE`` ("auto" picks CUDA when there is one)."""
+def choose_device(device=None, what: str = "device"):
+    """A torch device from a name: ``None`` or ``"auto"`` is CUDA when this machine has it, else the CPU; ``"cpu"``,
+    ``"cuda"``, ``"cuda:N"`` (or a :class:`torch.device`) as given. A device this machine lacks is a one-line
+    :class:`ConfigError`; ``what`` names the setting in that line (``"DEVICE"``, ``"--device"``)."""
     import torch
 
-    if cfg.DEVICE == "auto":
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(cfg.DEVICE)
-    except RuntimeError:
-        raise ConfigError(f"DEVICE={cfg.DEVICE!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"DEVICE={cfg.DEVICE} but this machine has no CUDA device")
-    return device
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{what} {device}: not a device frcnn runs on; use auto, cpu, cuda or cuda:N")
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what} {device} but this machine has no CUDA device")
+        count = torch.cuda.device_count()
+        if (chosen.index or 0) >= count:
+            raise ConfigError(f"{what} {device} but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+    return chosen
+
+
+def resolve_device(cfg: Config):
+    """The torch device named by ``DEVICE`` (training's; see :func:`choose_device`)."""
+    return choose_device(cfg.DEVICE, "DEVICE")
 
 
 __all__ = [
     "Config", "TrainConfig", "TestConfig", "ResnetConfig", "PRESETS", "load_config", "merge",
-    "parse_override", "config_to_dict", "config_from_dict", "config_changes", "dump_yaml", "resolve_device",
+    "parse_override", "config_to_dict", "config_from_dict", "config_changes", "dump_yaml", "choose_device",
+    "resolve_device",
 ]

@@ -81,7 +81,8 @@ def random_rpn(model: FasterRCNN, seed: int = 0) -> None:
         score.bias.copy_(torch.randn(score.bias.shape, generator=g))
 
 
-def _median_time(fn, runs: int, warmup: int) -> float:
+def median_time(fn, runs: int, warmup: int = 0) -> float:
+    """Median seconds of ``runs`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -111,11 +112,11 @@ def conv_floor(layers: list[tuple[nn.Module, torch.Size]], device: torch.device,
     total = 0.0
     for module, shape in layers:
         x = torch.randn(shape, device=device)
-        best = _median_time(partial(module, x), runs, warmup)
+        best = median_time(partial(module, x), runs, warmup)
         if isinstance(module, nn.Conv2d) and x.dim() == 4:
             channels_last = copy.deepcopy(module).to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
-            best = min(best, _median_time(partial(channels_last, x), runs, warmup))
+            best = min(best, median_time(partial(channels_last, x), runs, warmup))
         total += best
     return total
 

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from frcnn import __version__
-from frcnn.config import Config, config_from_dict, config_to_dict, dump_yaml
+from frcnn.config import Config, choose_device, config_from_dict, config_to_dict, dump_yaml
 from frcnn.errors import CheckpointError, ConfigError
 
 WEIGHTS, CONFIG, META, OPTIMIZER = "model.safetensors", "config.yaml", "meta.json", "optimizer.safetensors"
@@ -346,31 +346,6 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
         raise CheckpointError(f"{folder / WEIGHTS}: does not fit {CONFIG} (BACKBONE {cfg.BACKBONE}) and {META} "
                               f"({len(classes)} classes): {problem}")
     return Checkpoint(folder, cfg, classes, meta["iteration"], weights, meta)
-
-
-def choose_device(device: str | torch.device | None = None, what: str = "device") -> torch.device:
-    """The device to run a checkpoint on: ``None`` or ``"auto"`` is CUDA when this machine has it, else the
-    CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (or a :class:`torch.device`) as given.
-
-    Never the checkpoint's ``DEVICE``: where a model was trained is a fact about the run, not a requirement
-    of the checkpoint. A device this machine lacks is a one-line :class:`ConfigError`; ``what`` names the
-    setting in that line (e.g. ``"--device"``).
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError):
-        chosen = None
-    if chosen is None or chosen.type not in ("cpu", "cuda"):
-        raise ConfigError(f"{what} {device}: not a device frcnn runs on; use auto, cpu, cuda or cuda:N")
-    if chosen.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{what} {device} but this machine has no CUDA device")
-        count = torch.cuda.device_count()
-        if (chosen.index or 0) >= count:
-            raise ConfigError(f"{what} {device} but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
-    return chosen
 
 
 def load_model(folder: str | Path, device: str | torch.device | None = None,

@@ -53,13 +53,30 @@ class World:
         return self.size > 1
 
 
+def _env_number(name: str, default: float, kind=int, least: float = 0):
+    """An environment variable torchrun (or the user) sets, as a number; anything else is one ConfigError line."""
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value >= least or value == float("inf"):
+        raise ConfigError(f"environment variable {name}={text!r}: expected a number >= {least:g}")
+    return value
+
+
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return _env_number("WORLD_SIZE", 1, least=1) > 1
 
 
 def env_rank() -> int:
     """This process's rank as the launcher set it (0 when not launched by torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+    rank, size = _env_number("RANK", 0), _env_number("WORLD_SIZE", 1, least=1)
+    if launched_by_torchrun() and rank >= size:
+        raise ConfigError(f"environment variable RANK={rank} is not below WORLD_SIZE={size}")
+    return rank
 
 
 def setup(cfg: Config) -> World:
@@ -72,8 +89,8 @@ def join(device: torch.device, backend: str = "auto") -> World:
     ``cuda:LOCAL_RANK``. Without torchrun: one process on ``device``."""
     if not launched_by_torchrun():
         return World(device=device)
-    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, size = env_rank(), _env_number("WORLD_SIZE", 1, least=1)
+    local_rank = _env_number("LOCAL_RANK", 0)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
@@ -84,7 +101,7 @@ def join(device: torch.device, backend: str = "auto") -> World:
     if backend == "nccl" and device.type != "cuda":
         raise ConfigError("DIST_BACKEND=nccl needs CUDA devices; this run is on the CPU: use gloo (or auto)")
     if not dist.is_initialized():
-        timeout = timedelta(seconds=float(os.environ.get("FRCNN_DIST_TIMEOUT", DEFAULT_TIMEOUT)))
+        timeout = timedelta(seconds=_env_number("FRCNN_DIST_TIMEOUT", DEFAULT_TIMEOUT, float, least=1))
         try:
             dist.init_process_group(backend, timeout=timeout,
                                     device_id=device if backend == "nccl" else None)
