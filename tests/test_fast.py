@@ -95,3 +95,9 @@ def test_a_checkpoint_runs_fast_by_default_and_as_trained_on_request(tmp_path):
     fast, plain = Predictor.from_checkpoint(folder, "cpu"), Predictor.from_checkpoint(folder, "cpu", fast=False)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.model.modules())
     assert any(isinstance(m, nn.BatchNorm2d) for m in plain.model.modules())
+
+
+def test_prepare_in_place_rearranges_the_model_itself():
+    net = model()
+    assert prepare_for_inference(net, channels_last=False, inplace=True) is net
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())

@@ -440,7 +440,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.fast:
         from frcnn.engine.fast import prepare_for_inference
 
-        model = prepare_for_inference(model)
+        model = prepare_for_inference(model, inplace=True)
     result = run_benchmark(model, cfg, classes, size, runs=args.runs, warmup=args.warmup)
     print(json.dumps(result.to_json()) if args.json else format_result(result))
     return 0

@@ -45,10 +45,11 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
-def prepare_for_inference(model: nn.Module, channels_last: bool | None = None) -> nn.Module:
+def prepare_for_inference(model: nn.Module, channels_last: bool | None = None, inplace: bool = False) -> nn.Module:
     """A copy of ``model`` for inference: BatchNorm folded, eval mode, no gradients, and channels-last where
-    it pays (``None``: on CPUs with AVX-512, the layout measured faster there; ``True``/``False`` to force)."""
-    fast = copy.deepcopy(model).eval()
+    it pays (``None``: on CPUs with AVX-512, the layout measured faster there; ``True``/``False`` to force).
+    ``inplace``: rearrange ``model`` itself (a model loaded only to run, like a checkpoint's: no copy needed)."""
+    fast = (model if inplace else copy.deepcopy(model)).eval()
     for p in fast.parameters():
         p.requires_grad_(False)
     fold_batchnorm(fast)

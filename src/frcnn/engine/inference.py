@@ -35,7 +35,7 @@ class Predictor:
         if fast:
             from frcnn.engine.fast import prepare_for_inference
 
-            model = prepare_for_inference(model)
+            model = prepare_for_inference(model, inplace=True)  # loaded here, used only here
         return cls(model, ckpt.cfg, ckpt.class_names)
 
     @torch.no_grad()
