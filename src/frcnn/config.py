@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import reprlib
+import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -32,6 +33,11 @@ class TrainConfig:
     GAMMA: float = 0.1
     STEPSIZE: tuple[int, ...] = (30000,)
     MAX_ITERS: int = 70000
+    # the schedule in epochs (passes over the training set, mirrored copies included): when MAX_EPOCHS > 0,
+    # frcnn train sets MAX_ITERS and STEPSIZE from MAX_EPOCHS and STEP_EPOCHS and the training set's size, and
+    # writes the resolved iterations into the run's config.yaml
+    MAX_EPOCHS: float = 0.0
+    STEP_EPOCHS: tuple[float, ...] = ()
     WARMUP_ITERS: int = 0
     WARMUP_FACTOR: float = 1.0 / 3
     DOUBLE_BIAS: bool = True
@@ -44,6 +50,12 @@ class TrainConfig:
     MAX_SIZE: int = 1000
     IMS_PER_BATCH: int = 1  # images per process; the global batch is WORLD_SIZE x this
     USE_FLIPPED: bool = True
+    # augmentation (training only; every transform moves the boxes with the pixels, +1 convention kept)
+    COLOR_JITTER: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue (0 = off)
+    RANDOM_CROP: float = 0.0  # 0 = off; else the smallest fraction of each side a random crop keeps
+    # approximate (the write-up's): RoI coordinates are constants for the RoI-wise loss; exact (Ren et al.
+    # 3.2, non-approximate): its gradient flows through crop pooling's sampling grid into the RPN's deltas
+    JOINT: str = "approximate"
     # distributed training (torchrun): SyncBatchNorm for BatchNorm that trains; linear LR scaling rule
     SYNC_BN: bool = False
     LR_SCALING: str = "none"  # none | linear: LEARNING_RATE x the number of processes
@@ -98,8 +110,9 @@ class Config:
     BACKBONE: str = "res50"  # res50 | res101 | vgg16 | tiny
     PRETRAINED: str = ""  # path to a torchvision-style state dict of the backbone ("" = from scratch)
     FEAT_STRIDE: int = 16
-    ANCHOR_SCALES: tuple[float, ...] = (8, 16, 32)
+    ANCHOR_SCALES: tuple[float, ...] | str = (8, 16, 32)  # or "auto": chosen from the training set by frcnn train
     ANCHOR_RATIOS: tuple[float, ...] = (0.5, 1, 2)
+    NORM: str = "batch"  # normalisation of a backbone trained from scratch (tiny): batch | group (GroupNorm)
     RPN_CHANNELS: int = 512
     POOLING_MODE: str = "crop"  # crop | align | pool
     POOLING_SIZE: int = 7
@@ -117,6 +130,23 @@ class Config:
         _check_choice("POOLING_MODE", self.POOLING_MODE, ("crop", "align", "pool"))
         _check_choice("TRAIN.AMP", self.TRAIN.AMP, AMP_MODES)
         _check_choice("TRAIN.LR_SCALING", self.TRAIN.LR_SCALING, ("none", "linear"))
+        _check_choice("TRAIN.JOINT", self.TRAIN.JOINT, ("approximate", "exact"))
+        _check_choice("NORM", self.NORM, ("batch", "group"))
+        if self.NORM == "group" and self.BACKBONE != "tiny":
+            raise ConfigError(f"NORM=group is for BACKBONE=tiny (BACKBONE={self.BACKBONE} uses BatchNorm)")
+        if isinstance(self.ANCHOR_SCALES, str) and self.ANCHOR_SCALES != AUTO:
+            raise ConfigError(f"ANCHOR_SCALES={self.ANCHOR_SCALES!r} is neither a list of numbers nor auto")
+        if not isinstance(self.ANCHOR_SCALES, str) and (not self.ANCHOR_SCALES or min(self.ANCHOR_SCALES) <= 0):
+            raise ConfigError(f"ANCHOR_SCALES={list(self.ANCHOR_SCALES)} needs positive numbers (or auto)")
+        if len(self.TRAIN.COLOR_JITTER) != 4 or min(self.TRAIN.COLOR_JITTER) < 0 or self.TRAIN.COLOR_JITTER[3] > 0.5:
+            raise ConfigError(f"TRAIN.COLOR_JITTER={list(self.TRAIN.COLOR_JITTER)} needs 4 amounts >= 0 (brightness, "
+                              "contrast, saturation, hue; hue at most 0.5)")
+        if not 0 <= self.TRAIN.RANDOM_CROP < 1:
+            raise ConfigError(f"TRAIN.RANDOM_CROP={self.TRAIN.RANDOM_CROP} must lie in [0, 1) (0 = off)")
+        if self.TRAIN.MAX_EPOCHS < 0 or any(e <= 0 for e in self.TRAIN.STEP_EPOCHS):
+            raise ConfigError("TRAIN.MAX_EPOCHS and TRAIN.STEP_EPOCHS must be positive (MAX_EPOCHS 0 = use MAX_ITERS)")
+        if self.TRAIN.STEP_EPOCHS and not self.TRAIN.MAX_EPOCHS:
+            raise ConfigError("TRAIN.STEP_EPOCHS needs TRAIN.MAX_EPOCHS (the schedule is in iterations otherwise)")
         _check_choice("DIST_BACKEND", self.DIST_BACKEND, ("auto", "nccl", "gloo"))
         for key in ("IMS_PER_BATCH", "BATCH_SIZE", "RPN_BATCHSIZE", "MAX_ITERS", "DISPLAY", "SNAPSHOT_ITERS"):
             if getattr(self.TRAIN, key) < 1:
@@ -135,6 +165,7 @@ class Config:
 
 
 AMP_MODES = ("none", "fp16", "bf16")
+AUTO = "auto"
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -185,7 +216,7 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         if is_dataclass(value):
             out[f.name] = config_to_dict(value)
-        elif isinstance(value, tuple):
+        elif isinstance(value, tuple):  # ("auto" stays a string)
             out[f.name] = list(value)
         else:
             out[f.name] = value
@@ -223,6 +254,12 @@ def _parse_number(key: str, text: str) -> float:
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check ``value`` against the field's type ``hint``; ints are accepted for floats."""
     origin = typing.get_origin(hint)
+    if origin is types.UnionType:  # a list or the word auto (ANCHOR_SCALES)
+        if isinstance(value, str) and value.strip().lower() == AUTO:
+            return AUTO
+        if isinstance(value, str):
+            raise ConfigError(f"{key} expects a list of numbers or auto, got {_brief(value)}")
+        return _coerce(key, value, typing.get_args(hint)[0])
     if origin is tuple:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]

@@ -112,8 +112,11 @@ def _vgg16(cfg: Config, load: bool) -> Backbone:
     return Backbone(head, tail, 512, 4096)
 
 
-def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+def _conv_bn(cin: int, cout: int, stride: int, norm: str = "batch") -> list[nn.Module]:
+    """3x3 conv + normalisation + ReLU. ``group``: GroupNorm of 16 channels a group (2 groups at 32
+    channels), the same per-image statistics in training and inference, whatever the batch."""
+    layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(cout // 16, cout)
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), layer, nn.ReLU(inplace=True)]
 
 
 def _tiny(cfg: Config, load: bool) -> Backbone:
@@ -122,9 +125,9 @@ def _tiny(cfg: Config, load: bool) -> Backbone:
     layers: list[nn.Module] = []
     cin = 3
     for i, width in enumerate(widths):
-        layers += _conv_bn(cin, width, 2 if i < downsampling else 1)
+        layers += _conv_bn(cin, width, 2 if i < downsampling else 1, cfg.NORM)
         if i:  # one conv in the first stage: a second, at half resolution, is about a sixth of the head's work
-            layers += _conv_bn(width, width, 1)
+            layers += _conv_bn(width, width, 1, cfg.NORM)
         cin = width
     head = nn.Sequential(*layers)
     size = cfg.POOLING_SIZE

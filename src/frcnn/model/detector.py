@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive, upcast
 from frcnn.config import Config
+from frcnn.errors import ConfigError
 from frcnn.model.anchor_target import Generators, anchor_target_layer
 from frcnn.model.anchors import AnchorGenerator
 from frcnn.model.backbones import build_backbone
@@ -43,6 +44,9 @@ class FasterRCNN(nn.Module):
         """``num_classes`` counts the object classes (K); the network adds background as class 0.
         ``load_pretrained=False`` skips reading ``PRETRAINED`` (weights will come from a checkpoint)."""
         super().__init__()
+        if isinstance(cfg.ANCHOR_SCALES, str):
+            raise ConfigError("ANCHOR_SCALES=auto is resolved from the training set by frcnn train; "
+                              "a model needs the resolved list")
         self.cfg = cfg
         self.num_classes = num_classes
         backbone = build_backbone(cfg, load_pretrained)
