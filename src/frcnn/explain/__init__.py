@@ -4,6 +4,19 @@
 trace into one :class:`~frcnn.explain.stages.Stage` per step (:mod:`frcnn.explain.stages`) and writes
 ``index.html`` with one PNG per stage beside it (:mod:`frcnn.explain.page`), and optionally
 ``explain.json`` with the numbers of every stage. :mod:`frcnn.explain.report` writes the training-run page.
+
+Files, and the stage of the write-up each draws (the ``stages`` modules are named as in :mod:`frcnn.model`):
+
+- ``run.py``: the traced forward pass (:class:`ExplainRun`) and the ground truth read beside the image
+- ``stages/canvas.py``: :class:`~frcnn.explain.stages.Stage` and the drawing helpers every stage shares
+- ``stages/anchors.py``: 1. image pre-processing; 2. anchor generation layer
+- ``stages/rpn.py``: 3. region proposal network output; 4. proposal layer (before and after NMS)
+- ``stages/targets.py``: 5. anchor target and proposal target layers (only with ground truth)
+- ``stages/pooling.py``: 6. RoI pooling
+- ``stages/roi_heads.py``: 7. classification layer
+- ``stages/detections.py``: 8. per-class non-maximum suppression; 9. final detections
+- ``stages/__init__.py``: 10. time spent per stage, and :func:`build_stages` (every stage in order)
+- ``page.py``: the HTML page and its PNGs; ``report.py``: the training-run page (``frcnn report``)
 """
 
 from __future__ import annotations
