@@ -131,6 +131,10 @@ class Config:
         _check_choice("TRAIN.AMP", self.TRAIN.AMP, AMP_MODES)
         _check_choice("TRAIN.LR_SCALING", self.TRAIN.LR_SCALING, ("none", "linear"))
         _check_choice("TRAIN.JOINT", self.TRAIN.JOINT, ("approximate", "exact"))
+        if self.TRAIN.JOINT == "exact" and self.POOLING_MODE != "crop":
+            raise ConfigError(f"TRAIN.JOINT=exact needs POOLING_MODE=crop (got {self.POOLING_MODE}): only crop "
+                              "pooling's grid_sample passes the gradient to the RoI coordinates, roi_align and "
+                              "roi_pool do not")
         _check_choice("NORM", self.NORM, ("batch", "group"))
         if self.NORM == "group" and self.BACKBONE != "tiny":
             raise ConfigError(f"NORM=group is for BACKBONE=tiny (BACKBONE={self.BACKBONE} uses BatchNorm)")

@@ -1,7 +1,30 @@
 """FasterRCNN: head -> RPN -> proposal layer -> (targets) -> RoI pooling -> classification network.
 
-Training (approximate joint training, one step): the anchor target layer labels anchors for the RPN
-loss, the proposal target layer samples RoIs for the classification loss, and the four losses are summed.
+Training (one step): the anchor target layer labels anchors for the RPN loss, the proposal target layer
+samples RoIs for the classification loss, and the four losses are summed.
+
+Joint training (``TRAIN.JOINT``, Ren et al. section 3.2). ``approximate`` (the write-up's, the reference's):
+the proposals are constants, so the RoI-wise loss (``rcnn_cls`` + ``rcnn_box``) trains the classification
+network and, through the pooled features, the head, but never the RPN's box regression. ``exact``
+(non-approximate): the RoI coordinates are a differentiable function of the RPN's deltas, and the RoI-wise
+loss also reaches ``rpn.rpn_bbox_pred_net``. Where the gradient passes and where it is cut:
+
+- proposal layer: the objectness scores, the sort, the top-k, NMS and the post-NMS cap only choose indices
+  (no gradient, and none to ``rpn_cls_score_net``); the kept boxes are gathered from the decoding of every
+  anchor with the live deltas (``bbox_transform_inv``: passes, except a log-size change clamped at
+  ``BBOX_XFORM_CLIP``) and the clipping (``clamp``: passes inside the image, cut on a clipped side);
+- proposal target layer: the sampling only chooses indices; the gt boxes appended to the RoIs are constants
+  (a sampled gt RoI passes nothing); the regression targets are computed from detached coordinates (a target
+  is a label, not a path); the sampled proposals keep their gradient;
+- RoI pooling: crop pooling by ``affine_grid`` + ``grid_sample`` is differentiable w.r.t. the RoI
+  coordinates (bilinear: piecewise linear, its gradient jumps where a sample crosses a feature cell) and
+  ``max_pool2d`` passes it to the winning sample. The CPU gathers (``roi_ops``), ``roi_align`` and
+  ``roi_pool`` are not, so ``exact`` always takes ``grid_sample`` and needs ``POOLING_MODE=crop``.
+
+The losses are the same and the forward values are identical in both modes (same proposals, same samples,
+same losses): only the backward pass differs. The RPN's own losses train it the same way in both. At
+inference (and in eval mode) the proposals are constants in both modes.
+
 Inference: class-specific boxes are decoded, clipped, filtered by ``TEST.SCORE_THRESH``, reduced by
 per-class NMS at ``TEST.NMS`` and capped at ``TEST.MAX_PER_IMAGE`` per image.
 Every box here is in network-input pixels; :mod:`frcnn.engine.inference` maps them back to the image.
@@ -87,22 +110,23 @@ class FasterRCNN(nn.Module):
         if trace is not None:
             trace.put("rpn", fg_scores=fg_scores, deltas=rpn_deltas)
         stage = cfg.TRAIN if train else cfg.TEST
+        exact = train and cfg.TRAIN.JOINT == "exact"  # the rois carry the deltas' gradient (module docstring)
         with maybe_timed(trace, "proposal_layer"):
-            rois, _ = proposal_layer(fg_scores, rpn_deltas.detach(), anchors, image_sizes,
+            rois, _ = proposal_layer(fg_scores, rpn_deltas, anchors, image_sizes,
                                      stage.RPN_PRE_NMS_TOP_N, stage.RPN_POST_NMS_TOP_N, stage.RPN_NMS_THRESH,
-                                     trace)
+                                     trace, differentiable=exact)
         losses: dict[str, Tensor] = {}
         if gt_boxes is not None and gt_labels is not None:
             with maybe_timed(trace, "anchor_target"):
                 labels, targets = anchor_target_layer(anchors, gt_boxes, image_sizes, cfg.TRAIN, generator, trace)
             losses["rpn_cls"], losses["rpn_box"] = rpn_loss(rpn_logits, rpn_deltas, labels, targets, sigma=3.0)
-            with maybe_timed(trace, "proposal_target"):
+            with maybe_timed(trace, "proposal_target"):  # sampled rois keep the gradient; targets do not
                 sampled = proposal_target_layer(rois, gt_boxes, gt_labels, cfg.TRAIN, generator, trace)
             if train:
                 rois, roi_labels, roi_targets = sampled
         elif train:
             raise ValueError("training needs gt_boxes and gt_labels")
-        with maybe_timed(trace, "roi_pooling"):
+        with maybe_timed(trace, "roi_pooling"):  # exact: grid_sample, differentiable w.r.t. the rois
             pooled = pool_rois(features, rois, cfg.POOLING_MODE, cfg.POOLING_SIZE, cfg.FEAT_STRIDE)
         if trace is not None:
             trace.put("roi_pooling", rois=rois, crops=pooled, mode=cfg.POOLING_MODE, size=cfg.POOLING_SIZE)

@@ -9,6 +9,10 @@ reference). The reference was written when ``align_corners=True`` was PyTorch's 
 PyTorch defaults to ``False``, which would shrink every crop towards its centre, so it is set explicitly.
 ``align`` and ``pool`` are torchvision's ``roi_align`` and ``roi_pool``.
 
+Only ``crop`` by ``grid_sample`` is differentiable w.r.t. the RoI coordinates (through ``theta`` and the
+sampling grid): RoIs that carry a gradient (``TRAIN.JOINT=exact``) always take that path. ``align``,
+``pool`` and the gathers below treat RoIs as constants.
+
 On the CPU, ``crop`` and ``align`` run ``frcnn.model.roi_ops`` instead: the same sampling written as a
 separable bilinear weighting and done as parallel gathers of channels-last pixels (the formulation is in
 that module's docstring); outputs and gradients w.r.t. the features match within 1e-5
@@ -42,22 +46,27 @@ def _gathers_win(features: Tensor, rois: Tensor) -> bool:
     return features.device.type == "cpu" and rois.shape[0] * features.shape[1] >= MIN_ROI_CHANNELS
 
 
+def _differentiable_rois(rois: Tensor) -> bool:
+    return rois.requires_grad and torch.is_grad_enabled()
+
+
 def crop_pool(features: Tensor, rois: Tensor, size: int, stride: int, max_pool: bool = True) -> Tensor:
     """Crop pooling of ``rois`` (R, 5) from ``features`` (N, C, H, W): (R, C, size, size)."""
-    if _gathers_win(features, rois):
+    if _gathers_win(features, rois) and not _differentiable_rois(rois):  # the gathers' rois are constants
         with torch.autocast("cpu", enabled=False):  # sampling and sums in float32 (float64 for float64 rois)
             return roi_ops.crop_pool(features, rois, size, stride, max_pool)
     return crop_pool_grid_sample(features, rois, size, stride, max_pool)
 
 
 def crop_pool_grid_sample(features: Tensor, rois: Tensor, size: int, stride: int, max_pool: bool = True) -> Tensor:
-    """Crop pooling by ``affine_grid`` + ``grid_sample`` (+ ``max_pool2d``): the definition, used off the CPU."""
+    """Crop pooling by ``affine_grid`` + ``grid_sample`` (+ ``max_pool2d``): the definition, used off the CPU.
+
+    Differentiable w.r.t. ``features`` and, when they carry a gradient, the coordinates of ``rois``."""
     n, c, h, w = features.shape
     r = rois.shape[0]
     grid_size = size * 2 if max_pool else size
     if r == 0:
         return features.new_zeros((0, c, size, size))
-    rois = rois.detach()
     theta = roi_ops.crop_theta(rois, stride, h, w)
     out = features.new_empty((r, c, grid_size, grid_size))
     batch_index = rois[:, 0].long()

@@ -7,6 +7,10 @@ up to ``FG_FRACTION`` of them foreground (IoU >= ``FG_THRESH``), the rest backgr
 reference's fill-up). Regression targets are
 normalised by ``BBOX_NORMALIZE_MEANS``/``STDS``. Coordinates: network-input pixels.
 
+Proposals that carry a gradient (``TRAIN.JOINT=exact``) keep it in the sampled RoIs; the sampling only
+chooses indices (on detached coordinates), the gt boxes added to the set are constants, and the regression
+targets are computed from detached coordinates: a target is a label, not a path for the gradient.
+
 A float32 layer, also under autocast: its inputs (the proposal layer's RoIs and gt boxes) are float32,
 and the box math it calls upcasts anything in half precision (:func:`frcnn.boxes.upcast`).
 """
@@ -35,7 +39,6 @@ def _choose(idx: Tensor, size: int, generator: torch.Generator | None) -> Tensor
     return idx[pick.to(idx.device)]
 
 
-@torch.no_grad()
 def proposal_target_layer(
     rois: Tensor,
     gt_boxes: Sequence[Tensor],
@@ -55,7 +58,8 @@ def proposal_target_layer(
     out_rois, out_labels, out_targets, out_assign, out_overlaps = [], [], [], [], []
     for i in range(num_images):
         gt, generator = gt_boxes[i], generators[i]
-        boxes = torch.cat((rois[rois[:, 0] == i, 1:], gt))
+        proposals = rois[rois[:, 0] == i, 1:]
+        boxes = torch.cat((proposals.detach(), gt))  # choices, labels and targets: on constants
         if gt.numel() > 0:
             max_overlaps, assign = box_iou(boxes, gt).max(dim=1)
             labels = gt_labels[i][assign]
@@ -84,6 +88,7 @@ def proposal_target_layer(
         else:
             targets = sampled.new_zeros((keep.numel(), 4))
         targets[sampled_labels == 0] = 0
+        sampled = torch.cat((proposals, gt))[keep]  # the same values, with the proposals' gradient if any
         out_rois.append(torch.cat((sampled.new_full((keep.numel(), 1), i), sampled), dim=1))
         out_labels.append(sampled_labels)
         out_targets.append(targets)

@@ -30,6 +30,9 @@ separates the same way, one sample per bin and each out-of-map corner zero on it
 pooling that follows is ``max_pool2d`` itself. RoIPool (a max over integer bins) is a max-mode bag of the
 bin's pixels, listed in torchvision's row-major order so that ties (zeros after a ReLU) send the gradient to
 the same pixel.
+
+The gradient flows to the features only: the RoIs are constants here (their weights are built detached), so
+``pooling.crop_pool`` sends RoIs that carry a gradient (``TRAIN.JOINT=exact``) to ``grid_sample`` instead.
 """
 
 from __future__ import annotations

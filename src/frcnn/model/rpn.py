@@ -41,7 +41,6 @@ class RPN(nn.Module):
         return logits, deltas
 
 
-@torch.no_grad()
 def proposal_layer(
     fg_scores: Tensor,
     deltas: Tensor,
@@ -51,6 +50,7 @@ def proposal_layer(
     post_nms_top_n: int,
     nms_thresh: float,
     trace: Trace | None = None,
+    differentiable: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Turn anchors into proposals.
 
@@ -58,8 +58,14 @@ def proposal_layer(
     Returns ``rois`` (R, 5) as ``[batch_index, x1, y1, x2, y2]`` grouped by image, and their scores (R,).
     A float32 layer: half-precision scores and deltas (autocast) are upcast, so the decoding, the top-k and
     the NMS inputs, and the returned rois and scores, are float32.
+
+    The rois are constants (approximate joint training) unless ``differentiable`` (``TRAIN.JOINT=exact``):
+    then their coordinates carry the gradient of ``deltas`` through the decoding (``bbox_transform_inv``,
+    whose log-size clamp cuts it above ``BBOX_XFORM_CLIP``) and the clipping (``clamp``: it passes where
+    the box lies inside the image). The sort, the top-k and NMS only choose indices, never with a gradient;
+    the values are the same either way.
     """
-    fg_scores, deltas = upcast(fg_scores), upcast(deltas)
+    fg_scores, deltas = upcast(fg_scores.detach()), upcast(deltas if differentiable else deltas.detach())
     n, m = fg_scores.shape
     sizes = image_sizes.to(deltas.dtype)
     boxes = bbox_transform_inv(anchors.unsqueeze(0), deltas)
@@ -73,7 +79,9 @@ def proposal_layer(
     rois, scores = [], []
     thresh = nms_threshold(nms_thresh, top_boxes.dtype)
     for i in range(n):
-        keep = nms(to_exclusive(top_boxes[i]), top_scores[i], thresh, post_nms_top_n if post_nms_top_n > 0 else None)
+        with torch.no_grad():  # NMS chooses indices
+            keep = nms(to_exclusive(top_boxes[i]), top_scores[i], thresh,
+                       post_nms_top_n if post_nms_top_n > 0 else None)
         kept = top_boxes[i, keep]
         rois.append(torch.cat((kept.new_full((kept.shape[0], 1), i), kept), dim=1))
         scores.append(top_scores[i, keep])
