@@ -11,6 +11,11 @@ With several processes (``world_size``), iteration ``i``'s global batch is ``wor
 images, positions ``0 .. world_size * IMS_PER_BATCH - 1`` of the same pure function of ``(seed, i)``;
 process ``rank`` takes positions ``rank * IMS_PER_BATCH ..``. Each image is sampled by its global
 position, so the split across processes changes nothing but which process computes what.
+
+Augmentation (``TRAIN.RANDOM_CROP``, ``TRAIN.COLOR_JITTER``, :mod:`frcnn.data.augment`) draws from a generator
+of its own per image, seeded by ``iteration_seed(image_seed(seed, i, p), AUGMENT_STREAM)``: a pure function of
+``(seed, i, p)`` like the rest, and the streams above are unchanged by it (with both keys off, not a bit moves).
+Each image is cropped (original pixels), colour-jittered (0..255), then resized, mirrored and normalised.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch import Tensor
 
 from frcnn.boxes import flip_boxes, scale_boxes
 from frcnn.config import Config
+from frcnn.data.augment import color_jitter, random_crop
 from frcnn.data.sample import Sample
 from frcnn.transforms import batch_images, image_to_tensor, prep_image
 
@@ -48,6 +54,14 @@ def image_seed(seed: int, iteration: int, position: int) -> int:
     keeps the iteration's own seed, so one-image batches sample as they always have)."""
     it = iteration_seed(seed, iteration)
     return it if position == 0 else iteration_seed(it, position)
+
+
+AUGMENT_STREAM = 7919  # mixed into an image's seed for its augmentation generator
+
+
+def augment_seed(seed: int, iteration: int, position: int) -> int:
+    """The seed of the augmentation generator of the image at ``position`` in iteration ``iteration``."""
+    return iteration_seed(image_seed(seed, iteration, position), AUGMENT_STREAM)
 
 
 @dataclass
@@ -109,18 +123,24 @@ class TrainBatches(torch.utils.data.Dataset):
         seed = iteration_seed(cfg.RNG_SEED, iteration)
         g = torch.Generator().manual_seed(seed)
         target = train.SCALES[int(torch.randint(len(train.SCALES), (1,), generator=g))]
+        augment = train.RANDOM_CROP > 0 or any(train.COLOR_JITTER)
         tensors, boxes, labels, ids = [], [], [], []
-        for index, flipped in self.entries(iteration):
+        for position, (index, flipped) in zip(self.positions(), self.entries(iteration)):
             sample = self.dataset[index]
-            prepared = prep_image(image_to_tensor(self.dataset.load_image(sample)), target, train.MAX_SIZE,
-                                  cfg.PIXEL_MEANS, cfg.PIXEL_STDS, flip=flipped)
+            image = image_to_tensor(self.dataset.load_image(sample))
             keep = ~sample.difficult
-            b = sample.boxes[keep]
+            b, lab, width = sample.boxes[keep], sample.labels[keep], sample.width
+            if augment:
+                ag = torch.Generator().manual_seed(augment_seed(cfg.RNG_SEED, iteration, position))
+                image, b, lab = random_crop(image, b, lab, train.RANDOM_CROP, ag)
+                image = color_jitter(image, train.COLOR_JITTER, ag)
+                width = image.shape[-1]  # a crop's width, to mirror its boxes in
+            prepared = prep_image(image, target, train.MAX_SIZE, cfg.PIXEL_MEANS, cfg.PIXEL_STDS, flip=flipped)
             if flipped:
-                b = flip_boxes(b, sample.width)
+                b = flip_boxes(b, width)
             tensors.append(prepared.tensor)
             boxes.append(scale_boxes(b, prepared.scale))
-            labels.append(sample.labels[keep])
+            labels.append(lab)
             ids.append(sample.image_id + (" (flipped)" if flipped else ""))
         images, sizes = batch_images(tensors)
         seeds = [image_seed(cfg.RNG_SEED, iteration, p) for p in self.positions()]
