@@ -6,6 +6,9 @@ missing or unreadable image, a ``bbox`` that is not four finite numbers, a negat
 (``inverted-box``), a zero width or height (``zero-area-box``, dropped for training), a box crossing or
 outside its image, a duplicate, an annotation of an unknown image or category. Boxes are read as the strict
 reader does (``x2 = x + max(0, w - 1)``, +1 convention) but without clipping, so that crossing boxes show.
+Each image becomes a :class:`~frcnn.data.check_core.Record` for the format-neutral checks of
+:mod:`frcnn.data.check_core` (images opened once, sizes, boxes); this module never imports
+:mod:`frcnn.data.check`, which picks it for a JSON.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from frcnn.data.check import Counts, DataReport, box_problems, inspect_images, real_sizes, size_problems, sorted_unique
+from frcnn.data.check_core import Counts, DataReport, Record, check_records, sorted_unique
 from frcnn.data.images import PathOutside, path_inside
 from frcnn.data.problems import Problem
 from frcnn.data.sample import Sample
@@ -147,11 +150,8 @@ def check_coco(
     counts = Counts()
     for s in samples:
         counts.add(s, classes)
-    infos, image_problems = inspect_images(samples, max_pixels, progress)
-    sizes = real_sizes(infos)
-    problems += image_problems
-    for s, box_names in zip(samples, names):
-        problems += size_problems(s, infos.get(str(s.path)), str(json_path))
-        problems += box_problems(s, sizes.get(str(s.path)), str(json_path), classes, _coco_box, box_names)
+    records = [Record(s, str(json_path), classes, _coco_box, box_names) for s, box_names in zip(samples, names)]
+    sizes, found = check_records(records, max_pixels, progress)
+    problems += found
     return DataReport(json_path, "coco", classes, {json_path.stem: counts}, counts, sorted_unique(problems), samples,
                       sizes)
