@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a detector on a VOC folder or a COCO JSON",
                        description="Train Faster R-CNN (approximate joint training) on a PASCAL VOC folder or a COCO "
-                                   "annotation JSON.")
+                                   "annotation JSON. Before the first iteration, TRAIN.MAX_EPOCHS > 0 sets "
+                                   "TRAIN.MAX_ITERS and STEPSIZE from the training set's size, and ANCHOR_SCALES=auto "
+                                   "chooses the anchors from its boxes (as check-data suggests); each says so in one "
+                                   "line and the run's config.yaml keeps the resolved values.")
     _add_data_args(p, "train on, e.g. trainval")
     p.add_argument("--val-split", metavar="NAME",
                    help="held-out data evaluated during training: a VOC image set, or for COCO another JSON "
@@ -97,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="find problems in a data set before training; anchor fit",
                        description="Check a VOC root (every split, or --split) or a COCO JSON: counts, every "
                                    "problem with its file and value (repairable or not), and how well the "
-                                   "config's anchors fit the boxes. Exit code 0: nothing that training cannot "
+                                   "config's anchors fit the boxes (with the ANCHOR_SCALES that auto would "
+                                   "choose, as frcnn train does). Exit code 0: nothing that training cannot "
                                    "repair; 1: a problem training would stop on; 2: the data cannot be read.")
     p.add_argument("--data", required=True, type=Path, help="VOC root or COCO annotation JSON")
     p.add_argument("--split", help="one image set (VOC) or another JSON next to --data (COCO); default: all")
@@ -254,7 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from frcnn.config import load_config
+    from frcnn.config import AUTO, load_config
     from frcnn.data import parse_classes
     from frcnn.data.anchor_fit import anchor_fit, format_fit, suggest_scales, write_histograms
     from frcnn.data.check import check_data, fit_samples, format_counts, format_problems
@@ -263,8 +267,10 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes) if args.classes else None
     report = check_data(args.data, args.split, classes, args.images, progress=not (args.no_progress or args.json))
     samples = fit_samples(report)
+    # fits[0] is what ANCHOR_SCALES=auto chooses (anchor_fit.auto_anchor_fit, frcnn train's code path)
     fits = suggest_scales(samples, cfg)
-    current = anchor_fit(samples, cfg)
+    auto = cfg.ANCHOR_SCALES == AUTO
+    current = fits[0] if auto else anchor_fit(samples, cfg)
     if args.plot:
         write_histograms(current, args.plot)
     if args.json:
@@ -272,7 +278,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
                           "suggested_anchor_scales": list(fits[0].scales),
                           "suggested_fit": fits[0].to_json(report.classes)}))
     else:
-        print("\n".join(format_counts(report) + format_problems(report) + format_fit(fits, current, report.classes)))
+        print("\n".join(format_counts(report) + format_problems(report)
+                        + format_fit(fits, current, report.classes, auto=auto)))
         if args.plot:
             print(f"histograms: {args.plot}")
     return 1 if report.unrepairable else 0

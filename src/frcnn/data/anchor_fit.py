@@ -10,30 +10,38 @@ TRAIN.RPN_POSITIVE_OVERLAP``, 0.7) or at least one that is not background (``>= 
 0.3). A box below 0.3 is learnt from a single weak type-A anchor at best: its object is too small (or too
 large, or too elongated) for the anchors.
 
-The suggested ``ANCHOR_SCALES`` keep the number of anchors (three scales an octave apart, so the RPN head
-keeps its shape) and maximise the fraction of boxes at ``>= 0.7``, then ``>= 0.3``, then the median best
-IoU; between equals, the set whose middle anchor is nearest the median box size wins.
+Choosing ``ANCHOR_SCALES`` (check-data's suggestion and ``ANCHOR_SCALES: auto`` in ``frcnn train``, one code
+path: :func:`auto_anchor_fit`) is two separate parts:
+
+- the candidates, :func:`candidate_scales`: three scales an octave apart ``(b, 2b, 4b)``, ``b`` in
+  ``CANDIDATE_BASES``, three like the reference's (8, 16, 32);
+- the criterion, :func:`fit_criterion`: a sort key of an :class:`AnchorFit`, smallest best. Today: fewest boxes
+  without an anchor at ``>= 0.7``, then at ``>= 0.3``, then the highest median best IoU; between equals, the set
+  whose middle anchor is nearest the median box size. Replace that one function to choose otherwise; everything
+  an :class:`AnchorFit` knows is available to it, including :meth:`AnchorFit.positives` (per box, the number of
+  inside anchors at ``>= RPN_POSITIVE_OVERLAP``, computed on demand).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from frcnn.boxes import box_area, scale_boxes
-from frcnn.config import Config
+from frcnn.config import AUTO, Config
 from frcnn.data.sample import Sample
+from frcnn.errors import ConfigError
 from frcnn.model.anchors import generate_anchors
 from frcnn.transforms import compute_scale
 
-__all__ = ["AnchorFit", "anchor_fit", "best_anchor_iou", "resized_groups", "suggest_scales", "write_histograms"]
-
-CANDIDATE_BASES = (0.5, 1, 2, 4, 8, 16)  # three scales (b, 2b, 4b): anchors of 8 .. 1024 pixels
+__all__ = ["AnchorFit", "anchor_fit", "auto_anchor_fit", "auto_anchor_scales", "best_anchor_iou", "candidate_scales",
+           "describe_auto", "fit_criterion", "positive_anchor_counts", "resized_groups", "suggest_scales",
+           "write_histograms"]
 
 
 @dataclass
@@ -44,6 +52,7 @@ class Group:
     width: int
     boxes: Tensor  # (n, 4)
     labels: Tensor  # (n,)
+    images: int = 0  # how many images
 
 
 def resized_groups(
@@ -56,7 +65,7 @@ def resized_groups(
         scale = compute_scale(s.height, s.width, target_size, max_size)
         size = (max(1, round(s.height * scale)), max(1, round(s.width * scale)))
         groups.setdefault(size, []).append((scale_boxes(s.boxes[keep], scale), s.labels[keep]))
-    return [Group(h, w, torch.cat([b for b, _ in parts]), torch.cat([lbl for _, lbl in parts]))
+    return [Group(h, w, torch.cat([b for b, _ in parts]), torch.cat([lbl for _, lbl in parts]), len(parts))
             for (h, w), parts in groups.items()]
 
 
@@ -88,6 +97,51 @@ def best_anchor_iou(boxes: Tensor, height: int, width: int, base_anchors: Tensor
     return iou.max(dim=1).values
 
 
+_EPS = 1e-9  # IoU exactly at the threshold counts (>=) despite float rounding
+
+
+def positive_anchor_counts(boxes: Tensor, height: int, width: int, base_anchors: Tensor, stride: int,
+                           threshold: float) -> Tensor:
+    """(n,) for each box, how many anchors lying inside a ``height`` x ``width`` network input have IoU ``>=
+    threshold`` with it (+1 convention): its type-B positives in the anchor target layer, before sampling (an
+    anchor at ``>= threshold`` with two boxes counts for both).
+
+    Exact without building the grid: IoU ``>= t`` is ``ix * iy >= t (area_box + area_anchor) / (1 + t)`` with ``ix``,
+    ``iy`` the overlaps along x and y, and it needs ``ix >= t max(w_box, w_anchor)``. So for each anchor shape only
+    the x shifts of that window are visited (a loop over its width in cells, vectorised over boxes and shapes), and
+    for each the y shifts reaching the required ``iy`` form an interval counted in closed form.
+    ``tests/test_auto_schedule.py`` checks it against every anchor of :func:`shift_anchors` with :func:`box_iou`.
+    """
+    n = boxes.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    t = float(threshold)
+    b = boxes.to(torch.float64)[:, None, :]  # (n, 1, 4)
+    a = base_anchors.to(torch.float64)[None]  # (1, A, 4)
+    grid = torch.tensor([math.ceil(width / stride), math.ceil(height / stride)], dtype=torch.float64)
+    limit = torch.tensor([width, height], dtype=torch.float64)
+    lo = torch.ceil(-a[..., :2] / stride).clamp(min=0)  # (1, A, 2) inside shifts per axis, as in best_anchor_iou
+    hi = torch.minimum(torch.ceil((limit - a[..., 2:]) / stride) - 1, grid - 1)
+    b_len, a_len = b[..., 2:] - b[..., :2] + 1, a[..., 2:] - a[..., :2] + 1  # extents along x, y
+    need = t * (b_len.prod(-1) + a_len.prod(-1)) / (1 + t)  # (n, A) the intersection IoU >= t needs
+    # x shifts s with ix(s) >= p: p + bx1 - ax2 - 1 <= s <= bx2 - ax1 + 1 - p
+    p = t * torch.maximum(b_len[..., 0], a_len[..., 0])
+    k_lo = torch.maximum(torch.ceil((p + b[..., 0] - a[..., 2] - 1) / stride - _EPS), lo[..., 0])
+    k_hi = torch.minimum(torch.floor((b[..., 2] - a[..., 0] + 1 - p) / stride + _EPS), hi[..., 0])
+    width_x = torch.where(p <= torch.minimum(b_len[..., 0], a_len[..., 0]) + _EPS, k_hi - k_lo + 1, 0).clamp(min=0)
+    most_y = torch.minimum(b_len[..., 1], a_len[..., 1])
+    count = torch.zeros_like(need)
+    for j in range(int(width_x.max())):
+        s = (k_lo + j) * stride
+        ix = (torch.minimum(b[..., 2], a[..., 2] + s) - torch.maximum(b[..., 0], a[..., 0] + s) + 1).clamp(min=0)
+        q = need / ix.clamp(min=_EPS)  # the overlap along y this x shift needs
+        y_lo = torch.maximum(torch.ceil((q + b[..., 1] - a[..., 3] - 1) / stride - _EPS), lo[..., 1])
+        y_hi = torch.minimum(torch.floor((b[..., 3] - a[..., 1] + 1 - q) / stride + _EPS), hi[..., 1])
+        ok = (j < width_x) & (ix > 0) & (q <= most_y + _EPS)
+        count += torch.where(ok, (y_hi - y_lo + 1).clamp(min=0), 0)
+    return count.sum(dim=1).round().long()
+
+
 @dataclass
 class AnchorFit:
     scales: tuple[float, ...]
@@ -101,10 +155,36 @@ class AnchorFit:
     aspects: Tensor  # (n,) h / w
     labels: Tensor  # (n,)
     best_iou: Tensor  # (n,)
+    images: int = 0
+    groups: list[Group] | None = field(default=None, repr=False)  # for positives(), in the order of best_iou
+    _positives: Tensor | None = field(default=None, repr=False)
 
     @property
     def count(self) -> int:
         return int(self.best_iou.numel())
+
+    def positives(self) -> Tensor:
+        """(n,) per box, the inside anchors at IoU ``>= positive`` (:func:`positive_anchor_counts`); computed
+        on first use."""
+        if self._positives is None:
+            base = generate_anchors(16, self.ratios, self.scales)
+            counts = [positive_anchor_counts(g.boxes, g.height, g.width, base, self.stride, self.positive)
+                      for g in self.groups or []]
+            self._positives = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
+        return self._positives
+
+    def mean_positives(self, mask: Tensor | None = None) -> float | None:
+        """The mean number of positive anchors a box (``None`` without boxes)."""
+        counts = self.positives() if mask is None else self.positives()[mask]
+        return float(counts.double().mean()) if counts.numel() else None
+
+    def positives_per_image(self) -> float | None:
+        """All boxes' positive anchors over the number of images (images without boxes included)."""
+        return float(self.positives().sum()) / self.images if self.images else None
+
+    def fraction_at(self, threshold: float) -> float:
+        """The fraction of boxes whose best anchor reaches ``threshold``."""
+        return 1 - self.below(threshold) / self.count if self.count else 0.0
 
     def below(self, threshold: float, mask: Tensor | None = None) -> int:
         iou = self.best_iou if mask is None else self.best_iou[mask]
@@ -120,13 +200,15 @@ class AnchorFit:
             "median_best_iou": round(float(iou.median()), 3) if n else None,
             "below_positive": self.below(self.positive, mask),
             "below_negative": self.below(self.negative, mask),
+            "mean_positives": round(m, 3) if (m := self.mean_positives(mask)) is not None else None,
         }
 
     def to_json(self, classes: Sequence[str] = ()) -> dict:
         out = {"anchor_scales": list(self.scales), "anchor_ratios": list(self.ratios), "feat_stride": self.stride,
                "scale": self.target_size, "max_size": self.max_size, "positive_overlap": self.positive,
                "negative_overlap": self.negative,
-               "anchor_sizes": [16 * s for s in self.scales], **self.summary()}
+               "anchor_sizes": [16 * s for s in self.scales], **self.summary(),
+               "positives_per_image": round(p, 3) if (p := self.positives_per_image()) is not None else None}
         if classes:
             out["per_class"] = {name: self.summary(self.labels == k) for k, name in enumerate(classes, start=1)
                                 if bool((self.labels == k).any())}
@@ -137,7 +219,10 @@ def anchor_fit(
     samples: Iterable[Sample], cfg: Config, scales: Sequence[float] | None = None, target_size: int | None = None,
     groups: list[Group] | None = None,
 ) -> AnchorFit:
-    """The fit of ``cfg``'s anchors (or ``scales``) at ``target_size`` (default ``TRAIN.SCALES[0]``)."""
+    """The fit of ``cfg``'s anchors (or ``scales``) at ``target_size`` (default ``TRAIN.SCALES[0]``); with
+    ``ANCHOR_SCALES: auto`` and no ``scales``, the fit of the scales auto chooses (:func:`auto_anchor_fit`)."""
+    if scales is None and cfg.ANCHOR_SCALES == AUTO:
+        return auto_anchor_fit(samples, cfg, target_size)
     scales = tuple(cfg.ANCHOR_SCALES if scales is None else scales)
     target_size = cfg.TRAIN.SCALES[0] if target_size is None else target_size
     if groups is None:
@@ -149,24 +234,76 @@ def anchor_fit(
     return AnchorFit(scales, tuple(cfg.ANCHOR_RATIOS), cfg.FEAT_STRIDE, target_size, cfg.TRAIN.MAX_SIZE,
                      cfg.TRAIN.RPN_POSITIVE_OVERLAP, cfg.TRAIN.RPN_NEGATIVE_OVERLAP, (w * h).sqrt(), h / w,
                      torch.cat([g.labels for g in groups]) if groups else torch.zeros(0, dtype=torch.long),
-                     torch.cat(best) if best else torch.zeros(0))
+                     torch.cat(best) if best else torch.zeros(0), sum(g.images for g in groups), groups)
 
 
-def suggest_scales(samples: Sequence[Sample], cfg: Config, target_size: int | None = None) -> list[AnchorFit]:
-    """The fits of the config's scales and of the candidates ``(b, 2b, 4b)``, best first."""
+# ------------------------------------------------------------------------ choosing the scales: candidates, criterion
+
+CANDIDATE_BASES = (0.5, 1, 2, 4, 8, 16)  # three scales (b, 2b, 4b): anchors of 8 .. 1024 pixels
+
+
+def candidate_scales(cfg: Config) -> list[tuple[float, ...]]:
+    """The scale sets auto (and check-data's suggestion) chooses among: ``(b, 2b, 4b)`` for each base ``b``."""
+    return [(b, 2 * b, 4 * b) for b in CANDIDATE_BASES]
+
+
+def fit_criterion(fit: AnchorFit) -> tuple:
+    """THE criterion of :func:`suggest_scales` and ``ANCHOR_SCALES: auto``: a sort key, the smallest is chosen.
+
+    Fewest boxes with no anchor at ``>= positive`` (0.7), then fewest with none at ``>= negative`` (0.3), then the
+    highest median best IoU; ties (neighbouring candidates share two sizes) go to the set whose middle anchor is
+    nearest the median box size. To choose by something else (positives a box: ``fit.mean_positives()``, the
+    stride, ...) replace this function; candidates and plumbing do not change."""
+    if not fit.count:
+        return 0, 0, 0.0, 0.0
+    off_centre = abs(math.log2(16 * fit.scales[len(fit.scales) // 2]) - math.log2(float(fit.sizes.median())))
+    return fit.below(fit.positive), fit.below(fit.negative), -float(fit.best_iou.median()), off_centre
+
+
+def suggest_scales(samples: Sequence[Sample], cfg: Config, target_size: int | None = None,
+                   criterion: Callable[[AnchorFit], tuple] | None = None) -> list[AnchorFit]:
+    """The fits of the candidates (:func:`candidate_scales`), best first by ``criterion`` (default
+    :func:`fit_criterion`); the first is what ``ANCHOR_SCALES: auto`` chooses."""
     target_size = cfg.TRAIN.SCALES[0] if target_size is None else target_size
     groups = resized_groups(samples, target_size, cfg.TRAIN.MAX_SIZE)
-    candidates = dict.fromkeys([tuple(cfg.ANCHOR_SCALES), *((b, 2 * b, 4 * b) for b in CANDIDATE_BASES)])
-    fits = [anchor_fit(samples, cfg, scales, target_size, groups) for scales in candidates]
+    fits = [anchor_fit(samples, cfg, scales, target_size, groups) for scales in dict.fromkeys(candidate_scales(cfg))]
+    return sorted(fits, key=criterion or fit_criterion)
 
-    def key(fit: AnchorFit) -> tuple:
-        if not fit.count:
-            return 0, 0, 0.0, 0.0
-        # ties (neighbouring candidates share two sizes): the set centred on the median box size
-        off_centre = abs(math.log2(16 * fit.scales[len(fit.scales) // 2]) - math.log2(float(fit.sizes.median())))
-        return fit.below(fit.positive), fit.below(fit.negative), -float(fit.best_iou.median()), off_centre
 
-    return sorted(fits, key=key)
+def auto_anchor_fit(samples: Iterable[Sample], cfg: Config, target_size: int | None = None) -> AnchorFit:
+    """The fit of the scales ``ANCHOR_SCALES: auto`` chooses for ``samples`` (their non-difficult boxes after the
+    resize policy at ``TRAIN.SCALES[0]``): the best of :func:`suggest_scales`. A set without such boxes is a
+    one-line :class:`ConfigError`."""
+    fits = suggest_scales(list(samples), cfg, target_size)
+    if not fits[0].count:
+        raise ConfigError("ANCHOR_SCALES=auto: the training set has no boxes (not difficult) to choose anchors "
+                          "from; give ANCHOR_SCALES as a list, e.g. [8, 16, 32]")
+    return fits[0]
+
+
+def auto_anchor_scales(samples: Iterable[Sample], cfg: Config) -> tuple[float, ...]:
+    """The ``ANCHOR_SCALES`` that ``auto`` resolves to for ``samples`` (``frcnn train`` and ``check-data`` agree:
+    both call :func:`auto_anchor_fit`)."""
+    return auto_anchor_fit(samples, cfg).scales
+
+
+def _nums(values: Iterable[float], factor: float = 1) -> str:
+    return ", ".join(f"{factor * v:g}" for v in values)
+
+
+def _positives_text(fit: AnchorFit) -> str:
+    per_box, per_image = fit.mean_positives(), fit.positives_per_image()
+    text = f"{per_box:.1f} positive anchors (IoU >= {fit.positive:g}) a box" if per_box is not None else ""
+    return text + (f", {per_image:.1f} an image" if per_image is not None and text else "")
+
+
+def describe_auto(fit: AnchorFit) -> str:
+    """The one line (without prefix) that says what ``ANCHOR_SCALES=auto`` chose, as ``frcnn train`` and
+    ``frcnn check-data`` print it."""
+    sizes = [16 * s for s in fit.scales]
+    return (f"ANCHOR_SCALES=auto -> [{_nums(fit.scales)}] (anchors of {min(sizes):g}..{max(sizes):g} px at scale "
+            f"{fit.target_size}; {100 * fit.fraction_at(fit.positive):.0f}% of {fit.count} boxes with an anchor at "
+            f"IoU >= {fit.positive:g}; {_positives_text(fit)})")
 
 
 # --------------------------------------------------------------------------------------------- drawing
@@ -223,38 +360,45 @@ def _pct(n: int, total: int) -> str:
     return f"{n} ({100 * n / total:.1f}%)" if total else "0"
 
 
-def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str]) -> list[str]:
-    """Lines for the terminal: the config's anchors (overall and per class) and the best candidate."""
+def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str], auto: bool = False,
+               criterion: Callable[[AnchorFit], tuple] | None = None) -> list[str]:
+    """Lines for the terminal: the config's anchors (overall and per class), what ``ANCHOR_SCALES=auto`` chooses
+    (``fits[0]``, :func:`describe_auto`) and, unless the config's are as good, the suggestion. ``auto``: the
+    config says ``auto`` (``current`` is then ``fits[0]``)."""
     n = current.count
     lines = [f"anchor fit: {n} boxes (not difficult, after repairs) at scale {current.target_size} "
              f"(max {current.max_size}), stride {current.stride}, anchors inside the image only"]
     if not n:
         return lines
-    def fmt(values: Iterable[float], factor: float = 1) -> str:
-        return ", ".join(f"{factor * v:g}" for v in values)
-
-    lines.append(f"  ANCHOR_SCALES [{fmt(current.scales)}] x ANCHOR_RATIOS [{fmt(current.ratios)}]: anchors of "
-                 f"{fmt(current.scales, 16)} px")
+    configured = "auto -> " if auto else ""
+    lines.append(f"  ANCHOR_SCALES {configured}[{_nums(current.scales)}] x ANCHOR_RATIOS [{_nums(current.ratios)}]: "
+                 f"anchors of {_nums(current.scales, 16)} px")
     lines.append(f"  best IoU with an anchor: median {float(current.best_iou.median()):.3f}; "
                  f"no anchor >= {current.positive:g}: {_pct(current.below(current.positive), n)}; "
-                 f"none >= {current.negative:g}: {_pct(current.below(current.negative), n)}")
+                 f"none >= {current.negative:g}: {_pct(current.below(current.negative), n)}; "
+                 f"{_positives_text(current)}")
     rows = [["class", "boxes", "median size px", "median best IoU", f"< {current.positive:g}",
-             f"< {current.negative:g}"]]
+             f"< {current.negative:g}", "positives a box"]]
     for k, name in enumerate(classes, start=1):
         s = current.summary(current.labels == k)
         if s["boxes"]:
             rows.append([name, str(s["boxes"]), f"{s['median_size']:.1f}", f"{s['median_best_iou']:.3f}",
-                         str(s["below_positive"]), str(s["below_negative"])])
+                         str(s["below_positive"]), str(s["below_negative"]), f"{s['mean_positives']:.1f}"])
     from frcnn.data.check import table_lines
 
     lines += ["    " + line for line in table_lines(rows)]
     best = fits[0]
+    lines.append(f"  {describe_auto(best)}")
+    if auto:
+        return lines
     if best.scales == current.scales:
-        lines.append("  the configured ANCHOR_SCALES are the best of the candidates (b, 2b, 4b)")
+        lines.append("  the configured ANCHOR_SCALES are the best of the candidates (b, 2b, 4b): what auto chooses")
+    elif (criterion or fit_criterion)(current) <= (criterion or fit_criterion)(best):
+        lines.append("  the configured ANCHOR_SCALES fit at least as well as every candidate (b, 2b, 4b)")
     else:
         scales = ",".join(f"{s:g}" for s in best.scales)
-        lines.append(f"  suggested: --set ANCHOR_SCALES=[{scales}] (anchors of {fmt(best.scales, 16)} px): "
+        lines.append(f"  suggested: --set ANCHOR_SCALES=[{scales}] (anchors of {_nums(best.scales, 16)} px): "
                      f"no anchor >= {best.positive:g}: {_pct(best.below(best.positive), n)}; "
                      f"none >= {best.negative:g}: {_pct(best.below(best.negative), n)}; median best IoU "
-                     f"{float(best.best_iou.median()):.3f}")
+                     f"{float(best.best_iou.median()):.3f}; {_positives_text(best)}")
     return lines

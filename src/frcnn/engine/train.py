@@ -14,6 +14,16 @@ go to ``<out>/eval/``. Validation changes nothing in training: no gradient, Batc
 dropout frozen, its sampling seeded on its own and the global RNG state restored, so weights after N
 iterations are the same with and without it.
 
+Resolved before iteration 1 (:func:`resolve_run_config`, process 0 computes, every process receives the same):
+``TRAIN.MAX_EPOCHS > 0`` sets ``MAX_ITERS = ceil(MAX_EPOCHS x images an epoch / global batch)`` and ``STEPSIZE``
+from ``STEP_EPOCHS`` (rounded; empty: no step), an epoch being every image and, with ``USE_FLIPPED``, its mirrored
+copy (:mod:`frcnn.engine.batches`), the global batch ``processes x IMS_PER_BATCH``; ``ANCHOR_SCALES: auto`` becomes
+the list :func:`frcnn.data.anchor_fit.auto_anchor_fit` chooses from the training set (check-data's suggestion).
+Each prints one line; the run's ``config.yaml`` (and every snapshot's) holds the resolved values, ``meta.json``
+what they were resolved from (``"resolved"``). ``--resume`` keeps the run's values: it does not resolve again
+unless ``MAX_EPOCHS`` or ``STEP_EPOCHS`` changed, and says so in one line when the training set (or the number of
+processes) would now give other iterations. ``SNAPSHOT_ITERS``, ``WARMUP_ITERS`` and ``DISPLAY`` stay iterations.
+
 Distributed (``torchrun``, see :mod:`frcnn.engine.distributed`): every process trains a DistributedDataParallel
 copy on its ``TRAIN.IMS_PER_BATCH`` images of the iteration's global batch (:mod:`frcnn.engine.batches`); the
 losses are means over images, so DDP's gradient average is the gradient of the whole global batch and N
@@ -25,10 +35,12 @@ losses are averaged over the processes; validation shards the images across them
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +48,7 @@ from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from frcnn.boxes import scale_boxes
-from frcnn.config import Config, TrainConfig, config_changes, dump_yaml
+from frcnn.config import AUTO, Config, TrainConfig, config_changes, dump_yaml
 from frcnn.engine import distributed as dist
 from frcnn.engine.batches import Batch, DetectionDataset, TrainBatches, iteration_seed
 from frcnn.engine.checkpoint import (
@@ -48,12 +60,13 @@ from frcnn.engine.checkpoint import (
     load_weights,
     prune_snapshots,
     read_checkpoint,
+    read_config,
     read_momentum,
     save_checkpoint,
 )
 from frcnn.engine.precision import Precision
 from frcnn.engine.tensorboard import TensorBoardLog, validation_images
-from frcnn.errors import FrcnnError
+from frcnn.errors import ConfigError, FrcnnError
 from frcnn.model.detector import FasterRCNN
 from frcnn.transforms import image_to_tensor, prep_image
 
@@ -88,6 +101,140 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.S
                        "lr_mult": 2.0 if train.DOUBLE_BIAS else 1.0})
     return torch.optim.SGD(groups, lr=train.LEARNING_RATE, momentum=train.MOMENTUM)
 
+
+# ------------------------------------------------------------------------ settings resolved before iteration 1
+
+
+def _whole(x: float) -> float:
+    """``x`` without the float noise of a product of decimals (0.7 x 10 is 7.000000000000001)."""
+    return round(x, 6)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """``TRAIN.MAX_EPOCHS`` and ``STEP_EPOCHS`` as iterations, for a training set of ``images`` images."""
+
+    max_epochs: float
+    step_epochs: tuple[float, ...]
+    images: int  # images of the training set
+    copies: int  # 2 with TRAIN.USE_FLIPPED (each image and its mirrored copy), else 1
+    global_batch: int  # processes x IMS_PER_BATCH
+    world_size: int
+    max_iters: int
+    steps: tuple[int, ...]
+    gamma: float = 0.1
+
+    @property
+    def per_epoch(self) -> int:
+        return self.images * self.copies
+
+    def epoch_text(self) -> str:
+        mirrored = f" ({self.images} + mirrored)" if self.copies == 2 else ""
+        per = self.global_batch // self.world_size
+        batch = f" ({self.world_size} processes x {per})" if self.world_size > 1 else ""
+        epochs = f"{self.max_epochs:g} epoch{'' if self.max_epochs == 1 else 's'}"
+        images = f"{self.global_batch} image{'s' if self.global_batch > 1 else ''}"
+        return f"{epochs} of {self.per_epoch} images{mirrored}, {images} an iteration{batch}"
+
+    def line(self) -> str:
+        """``schedule: 24 epochs of 584 images (292 + mirrored), 2 images an iteration = 7008 iterations, LR x0.1
+        at 5256``."""
+        if self.steps:
+            steps = ", ".join(f"{s} (epoch {e:g})" for s, e in zip(self.steps, self.step_epochs))
+            lr = f"LR x{self.gamma:g} at {steps}"
+        else:
+            lr = "no LR step (TRAIN.STEP_EPOCHS is empty)"
+        return f"schedule: {self.epoch_text()} = {self.max_iters} iterations, {lr}"
+
+    def to_json(self) -> dict:
+        return {"images": self.images, "images_per_epoch": self.per_epoch, "global_batch": self.global_batch}
+
+
+def epoch_schedule(train: TrainConfig, num_images: int, world_size: int = 1) -> Schedule:
+    """The iterations of ``TRAIN.MAX_EPOCHS`` (``> 0``) on ``num_images`` images trained by ``world_size`` processes:
+    ``MAX_ITERS = ceil(MAX_EPOCHS x images an epoch / global batch)``, each of ``STEP_EPOCHS`` the same product
+    rounded to the nearest iteration (halves up). An epoch is every image, and with ``USE_FLIPPED`` its mirrored copy
+    too; the global batch is ``world_size x IMS_PER_BATCH``. Empty ``STEP_EPOCHS``: no step. A step at or after
+    ``MAX_EPOCHS`` (it would never lower the rate) is a one-line :class:`ConfigError`."""
+    if train.MAX_EPOCHS <= 0:
+        raise ConfigError("TRAIN.MAX_EPOCHS is 0: the schedule is TRAIN.MAX_ITERS and TRAIN.STEPSIZE")
+    late = [e for e in train.STEP_EPOCHS if e >= train.MAX_EPOCHS]
+    if late:
+        raise ConfigError(f"TRAIN.STEP_EPOCHS={list(train.STEP_EPOCHS)} has {late[0]:g}, not below TRAIN.MAX_EPOCHS="
+                          f"{train.MAX_EPOCHS:g}: a step there never lowers the rate (leave STEP_EPOCHS empty for "
+                          "no step)")
+    copies = 2 if train.USE_FLIPPED else 1
+    batch = world_size * train.IMS_PER_BATCH
+    per_iteration = num_images * copies / batch  # iterations an epoch
+    max_iters = max(1, math.ceil(_whole(train.MAX_EPOCHS * per_iteration)))
+    steps = tuple(math.floor(_whole(e * per_iteration) + 0.5) for e in train.STEP_EPOCHS)
+    return Schedule(train.MAX_EPOCHS, tuple(train.STEP_EPOCHS), num_images, copies, batch, world_size, max_iters,
+                    steps, train.GAMMA)
+
+
+def _saved_resolved(snapshot: Path) -> dict:
+    """What a snapshot's settings were resolved from (``meta.json``'s ``"resolved"``; ``{}`` if none or unreadable:
+    :func:`_read_resume` reports a damaged ``meta.json``)."""
+    try:
+        meta = json.loads((snapshot / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    resolved = meta.get("resolved") if isinstance(meta, dict) else None
+    return resolved if isinstance(resolved, dict) else {}
+
+
+def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int = 1,
+                       snapshot: Path | None = None) -> tuple[Config, list[str], dict]:
+    """``cfg`` with ``TRAIN.MAX_EPOCHS`` (``> 0``) turned into ``MAX_ITERS``/``STEPSIZE`` and ``ANCHOR_SCALES: auto``
+    into a list, for ``dataset`` trained by ``world_size`` processes; returns ``(config, lines to print, what was
+    resolved from)``, the last for ``meta.json``. Resolving a resolved config again gives the same config.
+
+    Resuming (``snapshot``): the run's values are kept: its ``ANCHOR_SCALES`` for ``auto``, its ``MAX_ITERS`` and
+    ``STEPSIZE`` unless ``MAX_EPOCHS`` or ``STEP_EPOCHS`` differ from the run's (then resolved again); one line
+    says when the training set (or the number of processes) would now give other iterations."""
+    lines: list[str] = []
+    resolved: dict = {}
+    before = _saved_resolved(snapshot) if snapshot is not None else {}
+    wanted = cfg.TRAIN.MAX_EPOCHS > 0 or cfg.ANCHOR_SCALES == AUTO or before.get("ANCHOR_SCALES") == AUTO
+    saved = read_config(snapshot / CONFIG) if snapshot is not None and wanted else None
+    train = cfg.TRAIN
+    if train.MAX_EPOCHS > 0:
+        fresh = epoch_schedule(train, len(dataset), world_size)
+        if saved is not None and (saved.TRAIN.MAX_EPOCHS, saved.TRAIN.STEP_EPOCHS) == (train.MAX_EPOCHS,
+                                                                                       train.STEP_EPOCHS):
+            train = replace(train, MAX_ITERS=saved.TRAIN.MAX_ITERS, STEPSIZE=saved.TRAIN.STEPSIZE)
+            was = before.get("schedule")
+            was = was if isinstance(was, dict) and {"images_per_epoch", "global_batch"} <= was.keys() else None
+            resolved["schedule"] = was or fresh.to_json()
+            if (fresh.max_iters, fresh.steps) != (train.MAX_ITERS, train.STEPSIZE):
+                then = (f" (resolved for {was['images_per_epoch']} images an epoch, {was['global_batch']} an "
+                        "iteration)") if was else ""
+                lines.append(f"--resume: keeping the run's schedule, TRAIN.MAX_ITERS {train.MAX_ITERS} and STEPSIZE "
+                             f"{list(train.STEPSIZE)}{then}; the training set as it is now ({fresh.epoch_text()}) "
+                             f"would make it {fresh.max_iters} and {list(fresh.steps)}")
+        else:
+            train = replace(train, MAX_ITERS=fresh.max_iters, STEPSIZE=fresh.steps)
+            resolved["schedule"] = fresh.to_json()
+            lines.append(fresh.line())
+    scales = cfg.ANCHOR_SCALES
+    if scales == AUTO:
+        if saved is not None:
+            scales = saved.ANCHOR_SCALES
+            lines.append(f"anchors: ANCHOR_SCALES=auto -> [{', '.join(f'{s:g}' for s in scales)}], the run's "
+                         "(chosen when it started)")
+        else:
+            from frcnn.data.anchor_fit import auto_anchor_fit, describe_auto
+
+            fit = auto_anchor_fit([dataset[i] for i in range(len(dataset))], cfg)
+            scales = fit.scales
+            lines.append(f"anchors: {describe_auto(fit)}")
+        resolved["ANCHOR_SCALES"] = AUTO
+    elif saved is not None and before.get("ANCHOR_SCALES") == AUTO and tuple(scales) == tuple(saved.ANCHOR_SCALES):
+        resolved["ANCHOR_SCALES"] = AUTO  # the run's config.yaml holds the list auto chose: still auto's
+    return replace(cfg, TRAIN=train, ANCHOR_SCALES=scales), lines, resolved
+
+
+# ------------------------------------------------------------------------------------------------ the run folder
 
 LOCK = ".frcnn-train.lock"
 
@@ -149,7 +296,8 @@ def train(
 
     With ``val_dataset`` (same classes as ``dataset``) and ``eval_every > 0``, validate every ``eval_every``
     iterations and after the last (see the module docstring). Under ``torchrun`` every process calls this
-    with the same arguments."""
+    with the same arguments. ``TRAIN.MAX_EPOCHS`` and ``ANCHOR_SCALES: auto`` are resolved first
+    (:func:`resolve_run_config`); the returned model's ``cfg`` is the resolved config."""
     out = Path(out)
     if val_dataset is not None and tuple(val_dataset.classes) != tuple(dataset.classes):
         raise TrainingError(f"the validation data has classes {list(val_dataset.classes)}, "
@@ -158,7 +306,12 @@ def train(
     lock = FileLock(out / LOCK)
     snapshot = dist.on_main(world, lambda: _prepare_out(out, resume, lock), "checking --out")
     try:
-        return _train(cfg, dataset, out, snapshot, world, progress, on_log, val_dataset, eval_every)
+        cfg, lines, resolved = dist.on_main(world, lambda: resolve_run_config(cfg, dataset, world.size, snapshot),
+                                            "resolving the schedule and anchors")
+        if world.is_main:
+            for line in lines:
+                print(line)
+        return _train(cfg, dataset, out, snapshot, world, progress, on_log, val_dataset, eval_every, resolved)
     finally:
         if lock.is_locked:
             lock.release()
@@ -166,7 +319,7 @@ def train(
 
 def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | None, world: dist.World,
            progress: bool, on_log: Callable[[dict], None] | None, val_dataset: DetectionDataset | None,
-           eval_every: int) -> FasterRCNN:
+           eval_every: int, resolved: dict) -> FasterRCNN:
     device, main = world.device, world.is_main
     torch.manual_seed(cfg.RNG_SEED)
     classes = tuple(dataset.classes)
@@ -250,7 +403,8 @@ def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | N
             if main and (done % train_cfg.SNAPSHOT_ITERS == 0 or done == train_cfg.MAX_ITERS):
                 snap = out / "snapshots" / f"iter_{done:07d}"
                 save_checkpoint(snap, model, cfg, classes, done, optimizer,
-                                extra={"world_size": world.size, "grad_scaler": precision.state_dict()})
+                                extra={"world_size": world.size, "grad_scaler": precision.state_dict(),
+                                       **({"resolved": resolved} if resolved else {})})
                 _publish(snap, out)
                 prune_snapshots(out / "snapshots", train_cfg.SNAPSHOT_KEPT)
                 last_snapshot = str(snap)
