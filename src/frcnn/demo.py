@@ -47,9 +47,11 @@ def run_demo(
     make_shapes_dataset(out / "data", num_trainval=num_trainval, num_test=num_test, seed=seed, progress=progress)
     trainval = VOCDataset(out / "data", "trainval")
     test = VOCDataset(out / "data", "test", classes=trainval.classes)
-    print(f"[2/4] training {DEMO_PRESET} for {cfg.TRAIN.MAX_ITERS} iterations on {len(trainval)} images "
+    length = f"{cfg.TRAIN.MAX_EPOCHS:g} epochs" if cfg.TRAIN.MAX_EPOCHS else f"{cfg.TRAIN.MAX_ITERS} iterations"
+    print(f"[2/4] training {DEMO_PRESET} for {length} on {len(trainval)} images "
           f"({', '.join(trainval.classes)})")
     model = train(cfg, trainval, out / "model", progress=progress)
+    cfg = model.cfg  # as trained: epochs and ANCHOR_SCALES=auto resolved
     predictor = Predictor(model, cfg, trainval.classes)
     print(f"[3/4] evaluating on {len(test)} test images")
     result = evaluate(predictor, test, metric="voc07", progress=progress)
