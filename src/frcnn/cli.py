@@ -46,6 +46,12 @@ def _add_fast_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fast", dest="fast", action="store_false",
                    help="run the model as trained, without the fast inference path (BatchNorm folded into the "
                         "convolutions, channels-last where faster; same detections up to float rounding)")
+    p.add_argument("--quick", action="store_true",
+                   help="quick mode, on top of the checkpoint's config (the folder is not written): at most 100 RoIs "
+                        "at the tail (TEST.RPN_POST_NMS_TOP_N), and on a CPU TEST.AMP=bf16 where it has native bf16 "
+                        "(AVX-512 with avx512_bf16/amx_bf16; else float32) and the tail's Linear layers in dynamic "
+                        "int8; on CUDA TEST.AMP stays the checkpoint's. On BCCD (demo-cpu) 1.6x faster for no "
+                        "measurable mAP loss (benchmarks/results/fast_mode.md); independent of --no-fast")
 
 
 def _add_engine_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -59,10 +65,23 @@ def _predictor(args: argparse.Namespace, device):
     if args.engine == "onnxruntime":
         from frcnn.engine.onnx_engine import OnnxPredictor
 
+        if args.quick:
+            raise _quick_onnx_error()
         return OnnxPredictor.open(args.checkpoint, args.device)
+    if args.quick:
+        from frcnn.engine.fast_mode import quick_predictor
+
+        return quick_predictor(args.checkpoint, device, fast=args.fast, say=lambda line: print(line, file=sys.stderr))
     from frcnn.engine.inference import Predictor
 
     return Predictor.from_checkpoint(args.checkpoint, device, fast=args.fast)
+
+
+def _quick_onnx_error() -> FrcnnError:
+    from frcnn.errors import ConfigError
+
+    return ConfigError("--quick changes a PyTorch model; an exported model has its RoI count and precision in its "
+                       "graph: use --engine torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +332,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if (args.checkpoint is None) == (args.detections is None):
         raise ConfigError("give either --checkpoint (run a model) or --detections FILE (evaluate its detections)")
+    if args.quick and args.checkpoint is None:
+        raise ConfigError("--quick runs a checkpoint faster; --detections are evaluated as they are")
     if args.checkpoint is not None and args.classes:
         raise ConfigError("--classes is for --detections: a checkpoint has its own classes")
     if args.iou is not None and args.plots is None:
@@ -421,9 +442,20 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             raise ConfigError(f"--threads {args.threads}: must be at least 1")
         torch.set_num_threads(args.threads)
     checkpoint = Path(args.config)
+    if args.quick and args.engine == "onnxruntime":
+        raise _quick_onnx_error()
     if args.engine == "onnxruntime" and (checkpoint.suffix == ".onnx" or (checkpoint / "model.onnx").is_file()):
         return _benchmark_onnx_file(args, checkpoint)
     cfg = load_config(str(checkpoint / CONFIG) if (checkpoint / CONFIG).is_file() else args.config, args.overrides)
+    if args.quick:
+        from frcnn.engine.fast_mode import quick_overrides
+
+        given = {o.split("=", 1)[0].strip() for o in args.overrides}  # keys given by --set or --rois win
+        if args.rois is not None:
+            given.add("TEST.RPN_POST_NMS_TOP_N")
+        base = cfg
+        quick = {"TEST": {k: v for k, v in quick_overrides(cfg, device)["TEST"].items() if f"TEST.{k}" not in given}}
+        cfg = merge(cfg, quick)
     size = _benchmark_size(args, cfg)
     updates = [f"TEST.SCALES=[{min(size)}]", f"TEST.MAX_SIZE={max(size)}"]  # the image is fed at its own size
     if args.rois is not None:
@@ -448,6 +480,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         from frcnn.engine.fast import prepare_for_inference
 
         model = prepare_for_inference(model, inplace=True)
+    if args.quick:
+        from frcnn.engine.fast_mode import describe, quantize_tail
+
+        print(describe(base, quick, device, quantize_tail(model)), file=sys.stderr)
     result = run_benchmark(model, cfg, classes, size, runs=args.runs, warmup=args.warmup)
     print(json.dumps(result.to_json()) if args.json else format_result(result))
     return 0

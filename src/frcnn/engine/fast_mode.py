@@ -1,0 +1,144 @@
+"""``--quick``: the documented fast mode of ``frcnn eval``, ``detect`` and ``benchmark``.
+
+On top of the checkpoint's config, in memory (the checkpoint folder is only read), ``--quick``:
+
+- caps ``TEST.RPN_POST_NMS_TOP_N`` at :data:`QUICK_ROIS` (100) RoIs at the tail; a checkpoint at 100 or fewer
+  (demo-cpu) keeps its own, the voc-* presets (300) go to 100;
+- sets ``TEST.AMP`` on a CPU: ``bf16`` where the CPU has native bfloat16 (:func:`native_bf16`: PyTorch's
+  kernels at AVX-512 and the ``avx512_bf16`` or ``amx_bf16`` instructions), else ``none`` (float32), since
+  bf16 emulated on an AVX2 CPU is 5-100x slower (``benchmarks/results/precision.md``). On CUDA ``TEST.AMP``
+  stays the checkpoint's;
+- on a CPU, runs the classification network's Linear layers in dynamic int8 (:func:`quantize_tail`).
+
+The choice comes from the measured trade-off on BCCD test (``benchmarks/bench_fast_mode.py``, results in
+``benchmarks/results/fast_mode.md``): bf16 and the int8 tail cost nothing measurable there, while fewer than 100
+RoIs (75, 50) lost more than 1 mAP point (small platelets) and 300 or 150 RoIs were no better than 100.
+:func:`quick_overrides` is the config policy, :func:`quick_predictor` what ``eval`` and ``detect`` run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from frcnn.config import Config
+
+QUICK_ROIS = 100  # at most this TEST.RPN_POST_NMS_TOP_N under --quick (benchmarks/results/fast_mode.md)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """True on a CPU where bf16 autocast runs natively: ``torch.backends.cpu.get_cpu_capability()`` is
+    AVX-512 (not limited by ``ATEN_CPU_CAPABILITY``) and the CPU has ``avx512_bf16`` or ``amx_bf16``
+    (PyTorch's own check where it has one, else ``/proc/cpuinfo``). False on any other device."""
+    if torch.device(device).type != "cpu":
+        return False
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if check is not None and check():
+        return True
+    return bool(cpu_flags() & set(BF16_FLAGS))
+
+
+def quick_overrides(cfg: Config, device: str | torch.device) -> dict[str, Any]:
+    """The config keys ``--quick`` sets on ``cfg`` (a checkpoint's) for a run on ``device``, as an overrides
+    dict for :func:`~frcnn.config.merge`: ``{"TEST": {"RPN_POST_NMS_TOP_N": ..., ["AMP": ...]}}``."""
+    test: dict[str, Any] = {"RPN_POST_NMS_TOP_N": min(cfg.TEST.RPN_POST_NMS_TOP_N, QUICK_ROIS)}
+    if torch.device(device).type == "cpu":
+        test["AMP"] = "bf16" if native_bf16(device) else "none"
+    return {"TEST": test}
+
+
+def describe(cfg: Config, overrides: dict[str, Any], device: str | torch.device, int8: bool) -> str:
+    """One line saying what ``--quick`` changed on ``cfg`` (printed by the commands)."""
+    device = torch.device(device)
+    parts = []
+    for key, value in overrides["TEST"].items():
+        old = getattr(cfg.TEST, key)
+        parts.append(f"TEST.{key}={value}" + (f" (was {old})" if old != value else " (unchanged)"))
+    parts.append("tail's Linear layers in int8" if int8 else "tail in float")
+    if device.type != "cpu":
+        parts.append(f"on {device.type} TEST.AMP stays the checkpoint's")
+    elif "AMP" in overrides["TEST"]:
+        parts.append("this CPU has native bf16" if native_bf16(device)
+                     else f"no native bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}): float32")
+    return f"quick mode: {', '.join(parts)}"
+
+
+class Float32(nn.Module):
+    """``module`` run in float32 outside autocast: a dynamic int8 Linear takes float32 inputs only, and under
+    bf16 autocast the layers before it hand it bfloat16."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return self.module(x.float())
+
+
+def quantize_tail(model: nn.Module) -> bool:
+    """Dynamic int8 quantization (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations
+    quantized per call) of every Linear layer of ``model.classifier`` (the tail's fully connected layers, the
+    class score and box layers), each wrapped in :class:`Float32`; in place, on a CPU model only. False, and
+    the model unchanged, where PyTorch cannot (a CUDA model, no quantized engine or an x86 CPU without AVX2,
+    the API gone: ``torch.ao.quantization`` is deprecated in favour of torchao)."""
+    engine = torch.backends.quantized.engine
+    if next(model.parameters()).device.type != "cpu" or engine == "none":
+        return False
+    if engine in ("x86", "fbgemm") and not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+        return False  # fbgemm's kernels need AVX2
+    try:
+        import warnings
+
+        with warnings.catch_warnings():  # torch.ao.quantization says it is deprecated (in favour of torchao)
+            warnings.simplefilter("ignore")
+            from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+            from torch.ao.quantization import quantize_dynamic
+
+            classifier = quantize_dynamic(model.classifier, {nn.Linear}, dtype=torch.qint8)
+    except (ImportError, AttributeError, RuntimeError, NotImplementedError, AssertionError):
+        return False
+    for parent in list(classifier.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, DynamicLinear):
+                setattr(parent, name, Float32(child))
+    model.classifier = classifier
+    return True
+
+
+def quick_predictor(folder: str | Path, device: str | torch.device | None, fast: bool = True,
+                    say: Callable[[str], None] | None = None):
+    """A :class:`~frcnn.engine.inference.Predictor` of the checkpoint ``folder`` with :func:`quick_overrides`
+    applied in memory (the folder is only read); ``fast``: the fast inference path; ``say`` gets the line of
+    :func:`describe`."""
+    from frcnn.engine.checkpoint import CONFIG, choose_device, load_model, read_config
+    from frcnn.engine.inference import Predictor
+
+    device = choose_device(device)
+    path = Path(folder) / CONFIG
+    base = read_config(path) if path.is_file() else None  # no config.yaml: load_model says what is wrong
+    overrides = quick_overrides(base, device) if base is not None else None
+    model, ckpt = load_model(folder, device, overrides=overrides)
+    if fast:
+        from frcnn.engine.fast import prepare_for_inference
+
+        model = prepare_for_inference(model, inplace=True)
+    int8 = quantize_tail(model)
+    if say is not None and base is not None and overrides is not None:
+        say(describe(base, overrides, device, int8))
+    return Predictor(model, ckpt.cfg, ckpt.class_names)
