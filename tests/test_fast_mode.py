@@ -1,0 +1,167 @@
+"""``--quick`` (:mod:`frcnn.engine.fast_mode`): the config keys it changes and only those, bf16 only where the CPU
+has it natively, the int8 tail, the checkpoint folder never written, and eval/detect/benchmark end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from explain_fixtures import CLASSES, checkpoint, config, model, picture, voc_folder
+from torch import nn
+
+from frcnn.cli import main
+from frcnn.config import config_to_dict, merge
+from frcnn.engine import fast_mode
+from frcnn.engine.checkpoint import save_checkpoint
+from frcnn.engine.fast_mode import QUICK_ROIS, Float32, native_bf16, quantize_tail, quick_overrides, quick_predictor
+from frcnn.engine.inference import Predictor
+
+DOCUMENTED = {"TEST.RPN_POST_NMS_TOP_N", "TEST.AMP"}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _changed(a, b) -> dict[str, tuple]:
+    fa, fb = _flat(config_to_dict(a)), _flat(config_to_dict(b))
+    return {k: (fa[k], fb[k]) for k in fa if fa[k] != fb[k]}
+
+
+def _files(folder) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _ckpt_300(folder):
+    """A checkpoint whose TEST.RPN_POST_NMS_TOP_N (300, as the voc presets) is above the quick cap."""
+    save_checkpoint(folder, model(), merge(config(), {"TEST": {"RPN_POST_NMS_TOP_N": 300}}), CLASSES, iteration=0)
+    return folder
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_quick_overrides_cap_the_rois_and_choose_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+    monkeypatch.setattr(fast_mode, "native_bf16", lambda device="cpu": native)
+    many = merge(config(), {"TEST": {"RPN_POST_NMS_TOP_N": 300}})
+    few = merge(config(), {"TEST": {"RPN_POST_NMS_TOP_N": 40}})
+    amp = "bf16" if native else "none"
+    assert quick_overrides(many, "cpu") == {"TEST": {"RPN_POST_NMS_TOP_N": QUICK_ROIS, "AMP": amp}}
+    assert quick_overrides(few, "cpu") == {"TEST": {"RPN_POST_NMS_TOP_N": 40, "AMP": amp}}  # never raised
+    # a checkpoint asking for bf16 on a CPU without it runs in float32 (bf16 emulated is 5-100x slower)
+    asks_bf16 = merge(many, {"TEST": {"AMP": "bf16"}})
+    assert quick_overrides(asks_bf16, "cpu")["TEST"]["AMP"] == amp
+    # on CUDA TEST.AMP is the checkpoint's: quick does not name it
+    assert quick_overrides(asks_bf16, torch.device("cuda")) == {"TEST": {"RPN_POST_NMS_TOP_N": QUICK_ROIS}}
+
+
+def test_native_bf16_needs_avx512_and_the_bf16_instructions(monkeypatch):
+    cpu = torch.backends.cpu
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(fast_mode, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(cpu, "get_cpu_capability", lambda: "AVX512")
+    assert native_bf16("cpu")
+    assert not native_bf16(torch.device("cuda"))
+    # capability limited (an AVX2 CPU, or ATEN_CPU_CAPABILITY=avx2): bf16 would be emulated
+    monkeypatch.setattr(cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not native_bf16("cpu")
+    monkeypatch.setattr(cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(fast_mode, "cpu_flags", lambda: {"avx512f"})  # AVX-512 without bf16 (Skylake, Zen 3)
+    assert not native_bf16("cpu")
+    monkeypatch.setattr(fast_mode, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert native_bf16("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_quick_predictor_changes_exactly_the_documented_keys(monkeypatch, tmp_path, native):
+    monkeypatch.setattr(fast_mode, "native_bf16", lambda device="cpu": native)
+    folder = _ckpt_300(tmp_path / "ckpt")
+    base = Predictor.from_checkpoint(folder, "cpu")
+    quick = quick_predictor(folder, "cpu")
+    changed = _changed(base.cfg, quick.cfg)
+    assert set(changed) <= DOCUMENTED
+    assert changed["TEST.RPN_POST_NMS_TOP_N"] == (300, QUICK_ROIS)
+    assert ("TEST.AMP" in changed) == native and quick.cfg.TEST.AMP == ("bf16" if native else "none")
+    assert quick.model.cfg == quick.cfg  # the model proposes what the config says
+    assert quick.class_names == base.class_names
+    # the tail's Linear layers (fc6, fc7, class scores, boxes) in int8, nothing else of the model
+    wrapped = [m for m in quick.model.classifier.modules() if isinstance(m, Float32)]
+    assert len(wrapped) == 4
+    assert not any(isinstance(m, nn.Linear) for m in quick.model.classifier.modules())
+    assert not any(isinstance(m, Float32) for m in [*quick.model.head.modules(), *quick.model.rpn.modules()])
+    detections = quick.predict([picture()])[0]
+    assert detections.boxes.dtype == detections.scores.dtype == torch.float32
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_the_int8_tail_computes_what_the_float_tail_computes(amp):
+    float_model = model()
+    quantized = model()
+    assert quantize_tail(quantized)
+    pooled = torch.randn(20, 128, 7, 7, generator=torch.Generator().manual_seed(0)).relu()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16"):
+        ref = float_model.classifier(pooled)
+        out = quantized.classifier(pooled)
+    for r, o in zip(ref, out):
+        assert o.dtype == torch.float32 and torch.isfinite(o).all()
+        assert (o - r.float()).abs().max() <= 0.05 * r.float().abs().max()
+
+
+def test_eval_detect_benchmark_quick_end_to_end_and_the_checkpoint_is_not_written(tmp_path, capsys):
+    folder = _ckpt_300(tmp_path / "ckpt")
+    voc = tmp_path / "voc"
+    voc_folder(voc)
+    before = _files(folder)
+    assert main(["eval", "--checkpoint", str(folder), "--data", str(voc), "--split", "test", "--quick", "--json",
+                 "--no-progress", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    assert result["num_images"] == 1 and 0.0 <= result["map"] <= 1.0
+    assert f"quick mode: TEST.RPN_POST_NMS_TOP_N={QUICK_ROIS} (was 300)" in out.err
+    assert main(["detect", "--checkpoint", str(folder), "--quick", "--out", str(tmp_path / "det"),
+                 str(voc / "JPEGImages" / "known.png"), "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert (tmp_path / "det" / "known.json").is_file() and "quick mode:" in out.err
+    assert main(["benchmark", "--config", str(folder), "--quick", "--runs", "1", "--warmup", "0", "--json",
+                 "--threads", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["rois"] <= QUICK_ROIS and "quick mode:" in out.err
+    assert _files(folder) == before  # same files, bytes and modification times
+
+
+def test_benchmark_quick_leaves_the_keys_given_by_rois_and_set(tmp_path, capsys):
+    folder = checkpoint(tmp_path / "ckpt")
+    assert main(["benchmark", "--config", str(folder), "--quick", "--rois", "7", "--set", "TEST.AMP=none",
+                 "--runs", "1", "--warmup", "0", "--json", "--threads", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["rois"] <= 7
+    assert "RPN_POST_NMS_TOP_N" not in out.err and "TEST.AMP" not in out.err and "int8" in out.err
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--detections", "DET", "--data", "VOC", "--split", "test", "--quick"],
+    ["eval", "--checkpoint", "CKPT", "--data", "VOC", "--split", "test", "--quick", "--engine", "onnxruntime",
+     "--device", "cpu"],
+    ["benchmark", "--config", "CKPT", "--quick", "--engine", "onnxruntime"],
+])
+def test_quick_where_it_cannot_apply_is_one_line(tmp_path, capsys, argv):
+    folder = checkpoint(tmp_path / "ckpt")
+    voc = tmp_path / "voc"
+    voc_folder(voc)
+    argv = [{"CKPT": str(folder), "VOC": str(voc), "DET": str(tmp_path / "det.json")}.get(a, a) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--quick" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_quick_keeps_the_checkpoints_precision_and_a_float_tail(tmp_path):
+    folder = _ckpt_300(tmp_path / "ckpt")
+    quick = quick_predictor(folder, "cuda")
+    assert quick.cfg.TEST.AMP == "none" and quick.cfg.TEST.RPN_POST_NMS_TOP_N == QUICK_ROIS
+    assert not any(isinstance(m, Float32) for m in quick.model.modules())
+    quick.predict([picture()])
