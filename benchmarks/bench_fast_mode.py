@@ -15,7 +15,8 @@ Rows (each the checkpoint's config with, in memory only, the keys the row names)
 - int8 (:func:`frcnn.engine.fast_mode.quantize_tail`): ``torch.ao.quantization.quantize_dynamic`` of the
   classification network's Linear layers (the tiny tail's two fully connected layers, the class score and box
   layers; int8 weights, activations quantized per call, in float32 outside autocast), alone and with bf16;
-- ``--quick``: the predictor ``frcnn eval --quick`` builds (:func:`frcnn.engine.fast_mode.quick_predictor`).
+- ``--quick``: the predictor ``frcnn eval --quick`` builds (:func:`frcnn.engine.fast_mode.quick_predictor`:
+  bf16 where native and the int8 tail, at the checkpoint's own RoI count).
 
 Every row runs the fast inference path (``Predictor.from_checkpoint``'s default: BatchNorm folded, channels-last
 on AVX-512), one image per ``predict`` call, as ``frcnn eval`` does. mAP (VOC07, as ``frcnn eval``) and per-class AP
@@ -50,7 +51,6 @@ from frcnn.engine.evaluate import score_detections
 from frcnn.engine.fast import prepare_for_inference
 from frcnn.engine.fast_mode import (
     BF16_FLAGS,
-    QUICK_ROIS,
     cpu_flags,
     native_bf16,
     quantize_tail,
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
         sys.exit(f"{args.checkpoint}: TEST.AMP={default.amp}; this benchmark expects a float32 checkpoint")
     bf16 = native_bf16("cpu") or args.force_bf16
     quick = quick_overrides(ckpt.cfg, "cpu")["TEST"]
-    quick_row = Row(quick["RPN_POST_NMS_TOP_N"], quick["AMP"], torch.backends.quantized.engine != "none", True)
+    quick_row = Row(default.rois, quick["AMP"], torch.backends.quantized.engine != "none", True)  # RoIs: the ckpt's
     rows = rows_for(default, bf16, not args.no_int8, quick_row)
     dataset = open_repaired(args.data, args.split, classes=ckpt.class_names)
     images = [dataset.load_image(dataset[i]) for i in range(len(dataset))]
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
         })
     return {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
             "images": len(images), "timed_images": len(timed_images), "rounds": args.rounds,
-            "default": default.name, "native_bf16": native_bf16("cpu"), "quick_rois": QUICK_ROIS,
+            "default": default.name, "native_bf16": native_bf16("cpu"),
             "rows": out_rows, "failed": failed, "classes": list(ckpt.class_names)}
 
 
@@ -208,7 +208,8 @@ def markdown(result: dict, machine: dict, command: str) -> str:
                   f"{fastest['speedup']:.2f}x, {fastest['map_points_vs_default']:+.2f} points."]
     if quick is not None:
         lines[-1] += (f" `--quick` (what `frcnn eval --quick` builds on this machine): {quick['speedup']:.2f}x, "
-                      f"{quick['map_points_vs_default']:+.2f} points.")
+                      f"{quick['map_points_vs_default']:+.2f} points; it keeps the checkpoint's RoI count "
+                      "(TEST.RPN_POST_NMS_TOP_N).")
     if result["failed"]:
         lines += ["", "Rows that did not run:", ""] + [f"- {k}: {v}" for k, v in result["failed"].items()]
     lines += ["", "Per round (median over images, s / image), to judge the noise of a shared machine:", ""]

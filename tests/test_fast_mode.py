@@ -1,5 +1,6 @@
-"""``--quick`` (:mod:`frcnn.engine.fast_mode`): the config keys it changes and only those, bf16 only where the CPU
-has it natively, the int8 tail, the checkpoint folder never written, and eval/detect/benchmark end to end."""
+"""``--quick`` (:mod:`frcnn.engine.fast_mode`): the config keys it changes and only those (the RoI count stays the
+checkpoint's), bf16 only where the CPU has it natively, the int8 tail, the checkpoint folder never written, and
+eval/detect/benchmark end to end."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from frcnn.cli import main
 from frcnn.config import config_to_dict, merge
 from frcnn.engine import fast_mode
 from frcnn.engine.checkpoint import save_checkpoint
-from frcnn.engine.fast_mode import QUICK_ROIS, Float32, native_bf16, quantize_tail, quick_overrides, quick_predictor
+from frcnn.engine.fast_mode import Float32, describe, native_bf16, quantize_tail, quick_overrides, quick_predictor
 from frcnn.engine.inference import Predictor
 
-DOCUMENTED = {"TEST.RPN_POST_NMS_TOP_N", "TEST.AMP"}
+DOCUMENTED = {"TEST.AMP"}  # plus the int8 tail, not a config key
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -38,24 +39,29 @@ def _files(folder) -> dict[str, tuple[bytes, int]]:
 
 
 def _ckpt_300(folder):
-    """A checkpoint whose TEST.RPN_POST_NMS_TOP_N (300, as the voc presets) is above the quick cap."""
+    """A checkpoint at 300 RoIs (TEST.RPN_POST_NMS_TOP_N), as the voc-* presets: --quick keeps them."""
     save_checkpoint(folder, model(), merge(config(), {"TEST": {"RPN_POST_NMS_TOP_N": 300}}), CLASSES, iteration=0)
     return folder
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_quick_overrides_cap_the_rois_and_choose_bf16_only_where_the_cpu_has_it(monkeypatch, native):
+def test_quick_overrides_keep_the_rois_and_choose_bf16_only_where_the_cpu_has_it(monkeypatch, native):
     monkeypatch.setattr(fast_mode, "native_bf16", lambda device="cpu": native)
     many = merge(config(), {"TEST": {"RPN_POST_NMS_TOP_N": 300}})
     few = merge(config(), {"TEST": {"RPN_POST_NMS_TOP_N": 40}})
     amp = "bf16" if native else "none"
-    assert quick_overrides(many, "cpu") == {"TEST": {"RPN_POST_NMS_TOP_N": QUICK_ROIS, "AMP": amp}}
-    assert quick_overrides(few, "cpu") == {"TEST": {"RPN_POST_NMS_TOP_N": 40, "AMP": amp}}  # never raised
+    # the RoI count is never named: 300 stays 300, 40 stays 40
+    assert quick_overrides(many, "cpu") == {"TEST": {"AMP": amp}}
+    assert quick_overrides(few, "cpu") == {"TEST": {"AMP": amp}}
+    assert merge(many, quick_overrides(many, "cpu")).TEST.RPN_POST_NMS_TOP_N == 300
     # a checkpoint asking for bf16 on a CPU without it runs in float32 (bf16 emulated is 5-100x slower)
     asks_bf16 = merge(many, {"TEST": {"AMP": "bf16"}})
     assert quick_overrides(asks_bf16, "cpu")["TEST"]["AMP"] == amp
-    # on CUDA TEST.AMP is the checkpoint's: quick does not name it
-    assert quick_overrides(asks_bf16, torch.device("cuda")) == {"TEST": {"RPN_POST_NMS_TOP_N": QUICK_ROIS}}
+    # on CUDA quick changes nothing: TEST.AMP is the checkpoint's, and the line printed says so
+    assert quick_overrides(asks_bf16, torch.device("cuda")) == {"TEST": {}}
+    line = describe(asks_bf16, {"TEST": {}}, torch.device("cuda"), int8=False)
+    assert line.startswith("quick mode: nothing to change on cuda") and "TEST.AMP stays the checkpoint's" in line
+    assert "\n" not in line
 
 
 def test_native_bf16_needs_avx512_and_the_bf16_instructions(monkeypatch):
@@ -84,7 +90,7 @@ def test_quick_predictor_changes_exactly_the_documented_keys(monkeypatch, tmp_pa
     quick = quick_predictor(folder, "cpu")
     changed = _changed(base.cfg, quick.cfg)
     assert set(changed) <= DOCUMENTED
-    assert changed["TEST.RPN_POST_NMS_TOP_N"] == (300, QUICK_ROIS)
+    assert quick.cfg.TEST.RPN_POST_NMS_TOP_N == base.cfg.TEST.RPN_POST_NMS_TOP_N == 300  # 300 stays 300
     assert ("TEST.AMP" in changed) == native and quick.cfg.TEST.AMP == ("bf16" if native else "none")
     assert quick.model.cfg == quick.cfg  # the model proposes what the config says
     assert quick.class_names == base.class_names
@@ -121,7 +127,7 @@ def test_eval_detect_benchmark_quick_end_to_end_and_the_checkpoint_is_not_writte
     out = capsys.readouterr()
     result = json.loads(out.out)
     assert result["num_images"] == 1 and 0.0 <= result["map"] <= 1.0
-    assert f"quick mode: TEST.RPN_POST_NMS_TOP_N={QUICK_ROIS} (was 300)" in out.err
+    assert "quick mode: TEST.AMP=" in out.err and "RPN_POST_NMS_TOP_N" not in out.err
     assert main(["detect", "--checkpoint", str(folder), "--quick", "--out", str(tmp_path / "det"),
                  str(voc / "JPEGImages" / "known.png"), "--device", "cpu"]) == 0
     out = capsys.readouterr()
@@ -129,7 +135,7 @@ def test_eval_detect_benchmark_quick_end_to_end_and_the_checkpoint_is_not_writte
     assert main(["benchmark", "--config", str(folder), "--quick", "--runs", "1", "--warmup", "0", "--json",
                  "--threads", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr()
-    assert json.loads(out.out)["rois"] <= QUICK_ROIS and "quick mode:" in out.err
+    assert json.loads(out.out)["rois"] <= 300 and "quick mode:" in out.err
     assert _files(folder) == before  # same files, bytes and modification times
 
 
@@ -162,6 +168,6 @@ def test_quick_where_it_cannot_apply_is_one_line(tmp_path, capsys, argv):
 def test_on_cuda_quick_keeps_the_checkpoints_precision_and_a_float_tail(tmp_path):
     folder = _ckpt_300(tmp_path / "ckpt")
     quick = quick_predictor(folder, "cuda")
-    assert quick.cfg.TEST.AMP == "none" and quick.cfg.TEST.RPN_POST_NMS_TOP_N == QUICK_ROIS
+    assert quick.cfg.TEST.AMP == "none" and quick.cfg.TEST.RPN_POST_NMS_TOP_N == 300
     assert not any(isinstance(m, Float32) for m in quick.model.modules())
     quick.predict([picture()])

@@ -47,12 +47,12 @@ def _add_fast_arg(p: argparse.ArgumentParser) -> None:
                    help="run the model as trained, without the fast inference path (BatchNorm folded into the "
                         "convolutions, channels-last where faster; same detections up to float rounding)")
     p.add_argument("--quick", action="store_true",
-                   help="quick mode, on top of the checkpoint's config (the folder is not written): at most 100 RoIs "
-                        "at the tail (TEST.RPN_POST_NMS_TOP_N; the voc presets' 300 become 100, a cost not measured "
-                        "on VOC), and on a CPU TEST.AMP=bf16 where it has native bf16 (AVX-512 with avx512_bf16 or "
-                        "amx_bf16; else float32) and the tail's Linear layers in dynamic int8; on CUDA TEST.AMP stays "
-                        "the checkpoint's. On BCCD test (demo-cpu, 100 RoIs) 1.65x faster, -0.01 mAP points "
-                        "(benchmarks/results/fast_mode.md). Works with or without --no-fast")
+                   help="quick mode, on top of the checkpoint's config (the folder is not written): on a CPU "
+                        "TEST.AMP=bf16 where it has native bf16 (AVX-512 with avx512_bf16 or amx_bf16; else "
+                        "float32) and the tail's Linear layers in dynamic int8; the RoI count "
+                        "(TEST.RPN_POST_NMS_TOP_N) stays the checkpoint's; on CUDA it changes nothing. "
+                        "1.65x faster, -0.01 mAP points on BCCD test (demo-cpu), benchmarks/results/fast_mode.md. "
+                        "Works with or without --no-fast")
 
 
 def _add_engine_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -81,8 +81,8 @@ def _predictor(args: argparse.Namespace, device):
 def _quick_onnx_error() -> FrcnnError:
     from frcnn.errors import ConfigError
 
-    return ConfigError("--quick changes a PyTorch model; an exported model has its RoI count and precision in its "
-                       "graph: use --engine torch")
+    return ConfigError("--quick changes a PyTorch model (bf16, int8 tail); an exported model has its precision in "
+                       "its graph: use --engine torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,9 +451,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.quick:
         from frcnn.engine.fast_mode import quick_overrides
 
-        given = {o.split("=", 1)[0].strip() for o in args.overrides}  # keys given by --set or --rois win
-        if args.rois is not None:
-            given.add("TEST.RPN_POST_NMS_TOP_N")
+        given = {o.split("=", 1)[0].strip() for o in args.overrides}  # keys given by --set win (--rois: below)
         base = cfg
         quick = {"TEST": {k: v for k, v in quick_overrides(cfg, device)["TEST"].items() if f"TEST.{k}" not in given}}
         cfg = merge(cfg, quick)

@@ -1,21 +1,22 @@
 """``--quick``: the documented fast mode of ``frcnn eval``, ``detect`` and ``benchmark``.
 
-On top of the checkpoint's config, in memory (the checkpoint folder is only read), ``--quick``:
+On top of the checkpoint's config, in memory (the checkpoint folder is only read), ``--quick`` on a CPU:
 
-- caps ``TEST.RPN_POST_NMS_TOP_N`` at :data:`QUICK_ROIS` (100) RoIs at the tail; a checkpoint at 100 or fewer
-  (demo-cpu) keeps its own, the voc-* presets (300) go to 100;
-- sets ``TEST.AMP`` on a CPU: ``bf16`` where the CPU has native bfloat16 (:func:`native_bf16`: PyTorch's
-  kernels at AVX-512 and the ``avx512_bf16`` or ``amx_bf16`` instructions), else ``none`` (float32), since
-  bf16 emulated on an AVX2 CPU is 5-100x slower (``benchmarks/results/precision.md``). On CUDA ``TEST.AMP``
-  stays the checkpoint's;
-- on a CPU, runs the classification network's Linear layers in dynamic int8 (:func:`quantize_tail`).
+- sets ``TEST.AMP``: ``bf16`` where the CPU has native bfloat16 (:func:`native_bf16`: PyTorch's kernels at
+  AVX-512 and the ``avx512_bf16`` or ``amx_bf16`` instructions), else ``none`` (float32), since bf16 emulated on
+  an AVX2 CPU is 5-100x slower (``benchmarks/results/precision.md``);
+- runs the classification network's Linear layers in dynamic int8 (:func:`quantize_tail`).
+
+It keeps the checkpoint's RoI count (``TEST.RPN_POST_NMS_TOP_N``: 100 for demo-cpu, 300 for the voc-* presets).
+On CUDA it changes nothing: bf16 and the int8 tail are CPU measures, and ``TEST.AMP`` stays the checkpoint's.
 
 The choice comes from the measured trade-off on BCCD test (``benchmarks/bench_fast_mode.py``, results in
-``benchmarks/results/fast_mode.md``): bf16 and the int8 tail cost nothing measurable there, while fewer than 100
-RoIs (75, 50) lost more than 1 mAP point (small platelets) and 300 or 150 RoIs were no better than 100.
-:func:`quick_overrides` is the config policy, :func:`quick_predictor` what ``eval`` and ``detect`` run.
+``benchmarks/results/fast_mode.md``): bf16 and the int8 tail at the checkpoint's own 100 RoIs gave the whole
+speed-up (1.65x, -0.01 mAP points); fewer than 100 RoIs (75, 50) lost more than 1 mAP point (small platelets)
+and 300 or 150 RoIs were no better than 100 on that model, so the RoI count is left to the checkpoint (capping
+the voc-* presets' 300 would cost accuracy nobody measured). :func:`quick_overrides` is the config policy,
+:func:`quick_predictor` what ``eval`` and ``detect`` run.
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -27,7 +28,6 @@ from torch import nn
 
 from frcnn.config import Config
 
-QUICK_ROIS = 100  # at most this TEST.RPN_POST_NMS_TOP_N under --quick (benchmarks/results/fast_mode.md)
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -55,8 +55,9 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
 
 def quick_overrides(cfg: Config, device: str | torch.device) -> dict[str, Any]:
     """The config keys ``--quick`` sets on ``cfg`` (a checkpoint's) for a run on ``device``, as an overrides
-    dict for :func:`~frcnn.config.merge`: ``{"TEST": {"RPN_POST_NMS_TOP_N": ..., ["AMP": ...]}}``."""
-    test: dict[str, Any] = {"RPN_POST_NMS_TOP_N": min(cfg.TEST.RPN_POST_NMS_TOP_N, QUICK_ROIS)}
+    dict for :func:`~frcnn.config.merge`: ``{"TEST": {"AMP": ...}}`` on a CPU, ``{"TEST": {}}`` elsewhere.
+    ``TEST.RPN_POST_NMS_TOP_N`` (the RoI count) is never among them: it stays the checkpoint's."""
+    test: dict[str, Any] = {}
     if torch.device(device).type == "cpu":
         test["AMP"] = "bf16" if native_bf16(device) else "none"
     return {"TEST": test}
@@ -65,14 +66,15 @@ def quick_overrides(cfg: Config, device: str | torch.device) -> dict[str, Any]:
 def describe(cfg: Config, overrides: dict[str, Any], device: str | torch.device, int8: bool) -> str:
     """One line saying what ``--quick`` changed on ``cfg`` (printed by the commands)."""
     device = torch.device(device)
+    if device.type != "cpu":
+        return (f"quick mode: nothing to change on {device.type} (bf16/int8 are CPU measures); "
+                "TEST.AMP stays the checkpoint's")
     parts = []
     for key, value in overrides["TEST"].items():
         old = getattr(cfg.TEST, key)
         parts.append(f"TEST.{key}={value}" + (f" (was {old})" if old != value else " (unchanged)"))
     parts.append("tail's Linear layers in int8" if int8 else "tail in float")
-    if device.type != "cpu":
-        parts.append(f"on {device.type} TEST.AMP stays the checkpoint's")
-    elif "AMP" in overrides["TEST"]:
+    if "AMP" in overrides["TEST"]:
         parts.append("this CPU has native bf16" if native_bf16(device)
                      else f"no native bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()}): float32")
     return f"quick mode: {', '.join(parts)}"
