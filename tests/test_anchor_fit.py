@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from frcnn.boxes import box_iou
 from frcnn.config import load_config
 from frcnn.data.anchor_fit import (
     anchor_fit,
+    anchors_inside,
     best_anchor_iou,
     format_fit,
     resized_groups,
@@ -103,3 +105,38 @@ def test_bccd_anchor_fit_at_600():
     assert platelets["boxes"] == 361 and platelets["below_negative"] == 342  # ~50 px platelets vs 128 px anchors
     best = suggest_scales(samples, cfg)[0]
     assert best.scales == (4, 8, 16) and best.below(0.3) == 3
+
+
+@pytest.mark.parametrize("height, width", [(320, 427), (100, 100), (64, 300)])
+def test_anchors_inside_equals_the_search_over_every_anchor(height, width):
+    base = generate_anchors(16, (0.5, 1, 2), (2, 4, 8, 16, 32))
+    all_shifted = shift_anchors(base, math.ceil(height / 8), math.ceil(width / 8), 8).view(-1, base.shape[0], 4)
+    inside = ((all_shifted[..., 0] >= 0) & (all_shifted[..., 1] >= 0) & (all_shifted[..., 2] < width)
+              & (all_shifted[..., 3] < height)).any(dim=0)
+    assert torch.equal(anchors_inside(height, width, base, 8), inside)
+
+
+def _one_big_object_per_image(n: int = 40) -> list[Sample]:
+    """Objects of 200..300 px (sides) in 320 x 427 images: as large as the one-class animal set of issue 11."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        w, h = (200 + 100 * torch.rand(2, generator=g)).tolist()
+        x1, y1 = float(torch.rand(1, generator=g)) * (427 - w), float(torch.rand(1, generator=g)) * (320 - h)
+        out.append(Sample(str(i), Path("x.jpg"), 427, 320, torch.tensor([[x1, y1, x1 + w - 1, y1 + h - 1]]),
+                          torch.tensor([1]), torch.tensor([False])))
+    return out
+
+
+def test_auto_never_picks_anchors_that_fit_no_image_when_smaller_ones_fit_as_well():
+    # 320 x 427 inputs at stride 8: the reference's anchors of scale 32 (736 x 384, 512 x 512, 352 x 704) never lie
+    # inside, nor do the 176 x 352 ones of scale 16 (taller than 320). [8, 16, 32] and [4, 8, 16] have the same best
+    # anchors (the 256 px and 128 px ones), so the same fit; [8, 16, 32] has 3 more shapes the RPN can never learn.
+    cfg = load_config("demo-cpu")
+    samples = _one_big_object_per_image()
+    fits = {f.scales: f for f in suggest_scales(samples, cfg)}
+    assert fits[(8, 16, 32)].below(0.7) == fits[(4, 8, 16)].below(0.7)
+    assert fits[(4, 8, 16)].untrained_anchors() == [(176, 352)]
+    assert sorted(fits[(8, 16, 32)].untrained_anchors()) == [(176, 352), (352, 704), (512, 512), (736, 384)]
+    assert suggest_scales(samples, cfg)[0].scales == (4, 8, 16)
+    assert fits[(2, 4, 8)].untrained_anchors() == []

@@ -97,6 +97,18 @@ def best_anchor_iou(boxes: Tensor, height: int, width: int, base_anchors: Tensor
     return iou.max(dim=1).values
 
 
+def anchors_inside(height: int, width: int, base_anchors: Tensor, stride: int) -> Tensor:
+    """(A,) bool: whether each anchor shape lies entirely inside a ``height`` x ``width`` network input at some
+    position of the feature grid (the anchor target layer labels only such anchors; the others are never
+    trained, yet the proposal layer still ranks them, clipped, at test time)."""
+    grid = torch.tensor([math.ceil(width / stride), math.ceil(height / stride)], dtype=torch.float64)
+    limit = torch.tensor([width, height], dtype=torch.float64)
+    a = base_anchors.to(torch.float64)
+    lo = torch.ceil(-a[:, :2] / stride).clamp(min=0)
+    hi = torch.minimum(torch.ceil((limit - a[:, 2:]) / stride) - 1, grid - 1)
+    return (lo <= hi).all(dim=-1)
+
+
 _EPS = 1e-9  # IoU exactly at the threshold counts (>=) despite float rounding
 
 
@@ -178,6 +190,16 @@ class AnchorFit:
         counts = self.positives() if mask is None else self.positives()[mask]
         return float(counts.double().mean()) if counts.numel() else None
 
+    def untrained_anchors(self) -> list[tuple[int, int]]:
+        """(width, height) in pixels of the anchor shapes that lie inside no training image at this scale: the RPN
+        never learns their scores, yet at test time they propose (clipped) among the others."""
+        base = generate_anchors(16, self.ratios, self.scales)
+        fits = torch.zeros(base.shape[0], dtype=torch.bool)
+        for g in self.groups or []:
+            fits |= anchors_inside(g.height, g.width, base, self.stride)
+        wh = base[:, 2:] - base[:, :2] + 1
+        return [(round(float(w)), round(float(h))) for (w, h), ok in zip(wh.tolist(), fits.tolist()) if not ok]
+
     def positives_per_image(self) -> float | None:
         """All boxes' positive anchors over the number of images (images without boxes included)."""
         return float(self.positives().sum()) / self.images if self.images else None
@@ -250,14 +272,19 @@ def candidate_scales(cfg: Config) -> list[tuple[float, ...]]:
 def fit_criterion(fit: AnchorFit) -> tuple:
     """THE criterion of :func:`suggest_scales` and ``ANCHOR_SCALES: auto``: a sort key, the smallest is chosen.
 
-    Fewest boxes with no anchor at ``>= positive`` (0.7), then fewest with none at ``>= negative`` (0.3), then the
-    highest median best IoU; ties (neighbouring candidates share two sizes) go to the set whose middle anchor is
-    nearest the median box size. To choose by something else (positives a box: ``fit.mean_positives()``, the
+    Fewest boxes with no anchor at ``>= positive`` (0.7); then fewest anchor shapes that lie inside no training
+    image (:meth:`AnchorFit.untrained_anchors`: they add nothing to the fit, the RPN never learns their scores,
+    yet they propose at test time: a set whose largest anchors never fit the images fits the boxes exactly as
+    well as the set an octave smaller, and trains worse); then fewest boxes with none at ``>= negative`` (0.3),
+    then the highest median best IoU; ties
+    (neighbouring candidates share two sizes) go to the set whose middle anchor is nearest the median box size.
+    To choose by something else (positives a box: ``fit.mean_positives()``, the
     stride, ...) replace this function; candidates and plumbing do not change."""
     if not fit.count:
-        return 0, 0, 0.0, 0.0
+        return 0, 0, 0, 0.0, 0.0
     off_centre = abs(math.log2(16 * fit.scales[len(fit.scales) // 2]) - math.log2(float(fit.sizes.median())))
-    return fit.below(fit.positive), fit.below(fit.negative), -float(fit.best_iou.median()), off_centre
+    return (fit.below(fit.positive), len(fit.untrained_anchors()), fit.below(fit.negative),
+            -float(fit.best_iou.median()), off_centre)
 
 
 def suggest_scales(samples: Sequence[Sample], cfg: Config, target_size: int | None = None,
@@ -387,6 +414,11 @@ def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str]
     from frcnn.data.check import table_lines
 
     lines += ["    " + line for line in table_lines(rows)]
+    if untrained := current.untrained_anchors():
+        shapes = ", ".join(f"{w}x{h}" for w, h in untrained)
+        lines.append(f"  warning: {len(untrained)} of the {len(current.scales) * len(current.ratios)} anchor shapes "
+                     f"({shapes} px) lie inside no training image at this scale: the RPN never learns them, yet they "
+                     f"propose at test time")
     best = fits[0]
     lines.append(f"  {describe_auto(best)}")
     if auto:
