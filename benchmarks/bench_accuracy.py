@@ -175,10 +175,8 @@ def resolve_config(config: str, sets: list[str], iters: int | None) -> Config:
     refused = []
     if cfg.TRAIN.AMP != "none" or cfg.TEST.AMP != "none":
         refused.append("TRAIN.AMP/TEST.AMP other than none (the torchvision side runs float32)")
-    if isinstance(cfg.ANCHOR_SCALES, str):
-        refused.append("ANCHOR_SCALES=auto (give the scales: both models need the same numbers)")
-    if cfg.TRAIN.MAX_EPOCHS > 0:
-        refused.append("TRAIN.MAX_EPOCHS (the budget is in iterations here: use --iters)")
+    if cfg.TRAIN.MAX_EPOCHS > 0 and iters is not None:
+        refused.append("TRAIN.MAX_EPOCHS with --iters (give the budget once)")
     if refused:
         raise ConfigError("bench_accuracy cannot compare with " + "; ".join(refused))
     return cfg
@@ -626,6 +624,12 @@ def _main(args: argparse.Namespace, argv) -> int:
     test_set = open_repaired(args.data, TEST_SPLIT, classes=train_set.classes, drop_other_classes=False)
     if test_set.summary:
         print(f"{TEST_SPLIT}: {test_set.summary}")
+    # epochs and ANCHOR_SCALES=auto resolved on the training set as frcnn train does: both libraries get the numbers
+    from frcnn.engine.train import resolve_run_config
+
+    base, lines, _ = resolve_run_config(base, train_set)
+    for line in lines:
+        print(line)
     classes = list(train_set.classes)
     print(f"data: {len(train_set)} {TRAIN_SPLIT} and {len(test_set)} {TEST_SPLIT} images, classes {', '.join(classes)}")
     t = base.TRAIN

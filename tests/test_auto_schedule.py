@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_overfit import TinySet
+from test_voc import BCCD, needs_bccd
 
 from frcnn.boxes import box_iou
 from frcnn.cli import main
@@ -347,3 +348,16 @@ def test_two_processes_resolve_once_and_alike(voc, tmp_path):
     assert len(_prefixed(done.stdout, "anchors: ")) == 1
     cfg = read_config(out / "config.yaml")
     assert (cfg.TRAIN.MAX_ITERS, cfg.TRAIN.STEPSIZE) == (3, (2,)) and read_checkpoint(out).iteration == 3
+
+
+@needs_bccd
+def test_scratch_cpu_resolves_on_bccd_as_its_comment_says():
+    """The scratch-cpu preset on BCCD trainval (292 images, mirrored): 14 epochs = ceil(14 x 584) = 8176 iterations,
+    the step at 10.5 epochs = 6132; its anchors are the demo's [2, 4, 8] (BCCD's cells of 27..127 px at 320)."""
+    from frcnn.data import open_repaired
+
+    data = open_repaired(BCCD, "trainval")
+    cfg, lines, _ = resolve_run_config(load_config("scratch-cpu"), data)
+    assert (cfg.TRAIN.MAX_ITERS, cfg.TRAIN.STEPSIZE) == (8176, (6132,))
+    assert cfg.ANCHOR_SCALES == (2, 4, 8)
+    assert any(line.startswith("schedule: 14 epochs of 584 images") for line in lines)

@@ -19,7 +19,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PRESET_OR_YAML",
-                   help="a preset (voc-r50-c4, voc-vgg16, demo-cpu) or a YAML file of config keys")
+                   help="a preset (voc-r50-c4, voc-vgg16, demo-cpu, scratch-cpu) or a YAML file of config keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set TRAIN.RPN_BATCHSIZE=128 (repeatable)")
 
