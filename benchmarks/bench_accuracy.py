@@ -328,25 +328,14 @@ def format_anchor_shapes(cfg: Config, shapes: dict) -> list[str]:
 def tv_training_batch(dataset, cfg: Config, entries, iteration: int, device) -> tuple[list, list]:
     """The iteration's images (0..1 RGB) and targets (exclusive boxes) for torchvision: frcnn's images, mirrored
     and (when on) augmented as frcnn's TrainBatches does."""
-    train = cfg.TRAIN
-    augment = train.RANDOM_CROP > 0 or any(train.COLOR_JITTER)
-    if augment:  # only then: frcnn's augmentation API
-        from frcnn.data.augment import color_jitter, random_crop
-        from frcnn.engine.batches import augment_seed
+    from frcnn.engine.batches import training_image
+
     images, targets = [], []
     for position, (index, flipped) in enumerate(entries):
-        sample = dataset[index]
-        image = image_to_tensor(dataset.load_image(sample))
-        keep = ~sample.difficult
-        boxes, labels, width = sample.boxes[keep], sample.labels[keep], sample.width
-        if augment:
-            g = torch.Generator().manual_seed(augment_seed(cfg.RNG_SEED, iteration, position))
-            image, boxes, labels = random_crop(image, boxes, labels, train.RANDOM_CROP, g)
-            image = color_jitter(image, train.COLOR_JITTER, g)
-            width = image.shape[-1]
+        image, boxes, labels = training_image(dataset, dataset[index], cfg, iteration, position)
         if flipped:
             image = image.flip(-1)
-            boxes = flip_boxes(boxes, width)
+            boxes = flip_boxes(boxes, image.shape[-1])
         images.append((image / 255.0).to(device))
         targets.append({"boxes": to_torchvision(boxes).float().to(device), "labels": labels.to(device)})
     return images, targets
@@ -466,13 +455,10 @@ def run_torchvision(cfg: Config, train_set, test_set, run_dir: Path, tag: str) -
 # ---------------------------------------------------------------------------------------------- report
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "logical_cores": os.cpu_count(),
+    from frcnn.engine.benchmark import machine_info
+
+    return {"cpu": machine_info()["cpu"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "logical_cores": os.cpu_count(),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

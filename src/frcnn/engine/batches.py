@@ -64,6 +64,22 @@ def augment_seed(seed: int, iteration: int, position: int) -> int:
     return iteration_seed(image_seed(seed, iteration, position), AUGMENT_STREAM)
 
 
+def training_image(dataset: DetectionDataset, sample: Sample, cfg: Config, iteration: int,
+                   position: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The image (3, H, W) of 0..255 values before the resize, with its non-difficult boxes and labels: cropped
+    and colour-jittered when ``TRAIN.RANDOM_CROP`` / ``COLOR_JITTER`` are on, from the image's own augmentation
+    generator (:func:`augment_seed`); mirror boxes in ``image.shape[-1]`` (a crop's width)."""
+    train = cfg.TRAIN
+    image = image_to_tensor(dataset.load_image(sample))
+    keep = ~sample.difficult
+    boxes, labels = sample.boxes[keep], sample.labels[keep]
+    if train.RANDOM_CROP > 0 or any(train.COLOR_JITTER):
+        g = torch.Generator().manual_seed(augment_seed(cfg.RNG_SEED, iteration, position))
+        image, boxes, labels = random_crop(image, boxes, labels, train.RANDOM_CROP, g)
+        image = color_jitter(image, train.COLOR_JITTER, g)
+    return image, boxes, labels
+
+
 @dataclass
 class Batch:
     images: Tensor  # (N, 3, H, W) pre-processed
@@ -123,21 +139,13 @@ class TrainBatches(torch.utils.data.Dataset):
         seed = iteration_seed(cfg.RNG_SEED, iteration)
         g = torch.Generator().manual_seed(seed)
         target = train.SCALES[int(torch.randint(len(train.SCALES), (1,), generator=g))]
-        augment = train.RANDOM_CROP > 0 or any(train.COLOR_JITTER)
         tensors, boxes, labels, ids = [], [], [], []
         for position, (index, flipped) in zip(self.positions(), self.entries(iteration)):
             sample = self.dataset[index]
-            image = image_to_tensor(self.dataset.load_image(sample))
-            keep = ~sample.difficult
-            b, lab, width = sample.boxes[keep], sample.labels[keep], sample.width
-            if augment:
-                ag = torch.Generator().manual_seed(augment_seed(cfg.RNG_SEED, iteration, position))
-                image, b, lab = random_crop(image, b, lab, train.RANDOM_CROP, ag)
-                image = color_jitter(image, train.COLOR_JITTER, ag)
-                width = image.shape[-1]  # a crop's width, to mirror its boxes in
+            image, b, lab = training_image(self.dataset, sample, cfg, iteration, position)
             prepared = prep_image(image, target, train.MAX_SIZE, cfg.PIXEL_MEANS, cfg.PIXEL_STDS, flip=flipped)
             if flipped:
-                b = flip_boxes(b, width)
+                b = flip_boxes(b, image.shape[-1])
             tensors.append(prepared.tensor)
             boxes.append(scale_boxes(b, prepared.scale))
             labels.append(lab)
