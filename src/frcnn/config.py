@@ -211,7 +211,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Your own data, from scratch, on a CPU: demo-cpu's network and costs with anchors chosen from the training set
     # and a schedule in epochs (6 passes over the images and their mirrored copies, x0.1 after 4.5; BCCD trainval:
     # 3504 iterations, demo-cpu's 3200 there gave VOC07 mAP 0.8854). Measured and not kept (BCCD, benchmarks/results/
-    # scratch_cpu.md): 14 epochs of 128 RoIs, 3.4x the time, mean 0.8850 over 2 seeds; random crops with colour
+    # scratch_cpu.md): 14 epochs of 128 RoIs, about 3x the time, mean 0.8850 over 2 seeds; random crops with colour
     # jitter lost 1.8 points and GroupNorm 1.4 (one seed each).
     "scratch-cpu": {
         "BACKBONE": "tiny",
