@@ -108,9 +108,15 @@ class Config:
     RESNET: ResnetConfig = field(default_factory=ResnetConfig)
     # network
     BACKBONE: str = "res50"  # res50 | res101 | vgg16 | tiny
+    # none: the write-up's C4 (one map at FEAT_STRIDE); fpn: a Feature Pyramid Network on the backbone's stages
+    # (levels at strides 4 .. FEAT_STRIDE, plus one at 2 x FEAT_STRIDE for the RPN only; see frcnn.model.fpn)
+    NECK: str = "none"
+    FPN_CHANNELS: int = 256
     PRETRAINED: str = ""  # path to a torchvision-style state dict of the backbone ("" = from scratch)
-    FEAT_STRIDE: int = 16
-    ANCHOR_SCALES: tuple[float, ...] | str = (8, 16, 32)  # or "auto": chosen from the training set by frcnn train
+    FEAT_STRIDE: int = 16  # the stride of the backbone's last map (C4: 16; FPN on ResNet: 32, C5)
+    # x 16 px (the reference's base box), or "auto": chosen from the training set by frcnn train; with NECK=fpn,
+    # x each level's stride (the FPN paper's [8]: 32 px on P2 .. 512 px on P6)
+    ANCHOR_SCALES: tuple[float, ...] | str = (8, 16, 32)
     ANCHOR_RATIOS: tuple[float, ...] = (0.5, 1, 2)
     NORM: str = "batch"  # normalisation of a backbone trained from scratch (tiny): batch | group (GroupNorm)
     RPN_CHANNELS: int = 512
@@ -160,16 +166,37 @@ class Config:
             raise ConfigError("PIXEL_MEANS and PIXEL_STDS need 3 values (R, G, B)")
         if not 0 < self.TRAIN.FG_FRACTION <= 1 or not 0 < self.TRAIN.RPN_FG_FRACTION <= 1:
             raise ConfigError("TRAIN.FG_FRACTION and TRAIN.RPN_FG_FRACTION must lie in (0, 1]")
-        strides = (4, 8, 16) if self.BACKBONE == "tiny" else (16,)
+        _check_choice("NECK", self.NECK, ("none", "fpn"))
+        if self.NECK == "fpn":
+            if self.BACKBONE == "vgg16":
+                raise ConfigError("NECK=fpn needs a backbone with pyramid stages (res50, res101 or tiny); "
+                                  "BACKBONE=vgg16 has none here")
+            if self.ANCHOR_SCALES == AUTO:
+                raise ConfigError("ANCHOR_SCALES=auto is for NECK=none; with NECK=fpn each level's anchors are "
+                                  "ANCHOR_SCALES x its stride (the FPN paper: [8], 32..512 px on P2..P6)")
+            if self.FPN_CHANNELS < 1:
+                raise ConfigError(f"FPN_CHANNELS={self.FPN_CHANNELS} must be at least 1")
+            strides = (8, 16) if self.BACKBONE == "tiny" else (32,)
+        else:
+            strides = (4, 8, 16) if self.BACKBONE == "tiny" else (16,)
         if self.FEAT_STRIDE not in strides:
-            raise ConfigError(f"FEAT_STRIDE={self.FEAT_STRIDE} is not one of {', '.join(map(str, strides))} "
-                              f"for BACKBONE={self.BACKBONE}")
+            what = (f"BACKBONE={self.BACKBONE} with NECK=fpn (its last pyramid stage"
+                    + (", C5" if self.BACKBONE != "tiny" else "") + ")") if self.NECK == "fpn" else f"BACKBONE={self.BACKBONE}"
+            raise ConfigError(f"FEAT_STRIDE={self.FEAT_STRIDE} is not one of {', '.join(map(str, strides))} for {what}")
         if not 0 <= self.RESNET.FIXED_BLOCKS <= 3:
             raise ConfigError(f"RESNET.FIXED_BLOCKS={self.RESNET.FIXED_BLOCKS} must lie in 0..3")
 
 
 AMP_MODES = ("none", "fp16", "bf16")
 AUTO = "auto"
+
+
+def pyramid_strides(cfg: Config) -> tuple[int, ...]:
+    """The strides of the maps the RPN reads: ``(FEAT_STRIDE,)`` for C4; with ``NECK=fpn`` the backbone's stages
+    from stride 4 to ``FEAT_STRIDE`` (P2..P5 on ResNet) and one more level at twice that (P6, the RPN's only)."""
+    if cfg.NECK != "fpn":
+        return (cfg.FEAT_STRIDE,)
+    return tuple(1 << k for k in range(2, cfg.FEAT_STRIDE.bit_length() + 1))
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -395,9 +422,19 @@ def load_config(preset_or_yaml: str | None = None, overrides: typing.Iterable[st
                 cfg = merge(cfg, data)
             except ConfigError as e:  # name the file
                 raise ConfigError(f"{path}: {e}") from None
+    # the overrides are checked together, as one change: NECK=fpn FEAT_STRIDE=32 is valid in either order
+    combined: dict[str, Any] = {}
     for text in overrides:
-        cfg = merge(cfg, parse_override(text))
-    return cfg
+        _deep_update(combined, parse_override(text))
+    return merge(cfg, combined) if combined else cfg
+
+
+def _deep_update(into: dict[str, Any], update: dict[str, Any]) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_update(into[key], value)
+        else:
+            into[key] = value
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -452,5 +489,5 @@ def resolve_device(cfg: Config):
 __all__ = [
     "Config", "TrainConfig", "TestConfig", "ResnetConfig", "PRESETS", "load_config", "merge",
     "parse_override", "config_to_dict", "config_from_dict", "config_changes", "dump_yaml", "choose_device",
-    "resolve_device",
+    "resolve_device", "pyramid_strides",
 ]

@@ -1,9 +1,16 @@
 """Anchor generation layer.
 
-Nine reference anchors (``ANCHOR_SCALES`` x ``ANCHOR_RATIOS`` on a ``base_size`` pixel box, rows
-ratio-major) are generated once, exactly as the reference ``generate_anchors.py`` does (including its
-rounding of widths and heights), then shifted over every cell of the feature map with the head's
-stride. Anchors are in *network-input pixels*, +1 convention.
+C4 (the write-up's): nine reference anchors (``ANCHOR_SCALES`` x ``ANCHOR_RATIOS`` on a ``base_size`` pixel
+box, rows ratio-major) are generated once, exactly as the reference ``generate_anchors.py`` does (including
+its rounding of widths and heights), then shifted over every cell of the feature map with the head's
+stride.
+
+FPN (``NECK=fpn``): one generator per pyramid level, its anchors ``ANCHOR_SCALES`` x the level's stride
+(``[8]``: 32 px on P2 at stride 4 .. 512 px on P6 at 64) x ``ANCHOR_RATIOS``, shaped and placed as
+torchvision's and detectron2's FPN anchors are (:func:`level_anchors`), so that weights trained there find
+the anchors they were trained for.
+
+Anchors are in *network-input pixels*, +1 convention.
 """
 
 from __future__ import annotations
@@ -48,6 +55,24 @@ def generate_anchors(
     return torch.cat(rows).to(torch.float32)
 
 
+def level_anchors(stride: int, scales: Sequence[float], ratios: Sequence[float]) -> Tensor:
+    """The reference anchors of one FPN level: (len(ratios) * len(scales), 4), rows ratio-major.
+
+    Size ``s = scale * stride``, ratio ``r = h / w``: ``w = s / sqrt(r)``, ``h = s * sqrt(r)`` (area ``s**2``),
+    the exclusive corners ``round(-w / 2), round(-h / 2), round(w / 2), round(h / 2)`` around the corner of cell
+    (0, 0), as torchvision's ``AnchorGenerator`` computes them, then written in the +1 convention (``x2 - 1``,
+    ``y2 - 1``). torchvision and detectron2 centre FPN anchors on the cell's top-left corner, the reference's C4
+    anchors on the centre of a 16-px box; each keeps its own so that pretrained weights see their anchors.
+    """
+    ratios_t = torch.tensor(ratios, dtype=torch.float32)
+    sizes = torch.tensor(scales, dtype=torch.float32) * stride
+    h_ratios = torch.sqrt(ratios_t)
+    ws = (sizes[None, :] / h_ratios[:, None]).reshape(-1)
+    hs = (sizes[None, :] * h_ratios[:, None]).reshape(-1)
+    exclusive = (torch.stack((-ws, -hs, ws, hs), dim=1) / 2).round()
+    return exclusive - torch.tensor([0.0, 0.0, 1.0, 1.0])
+
+
 def shift_anchors(base_anchors: Tensor, feat_height: int, feat_width: int, stride: int) -> Tensor:
     """All anchors of a ``feat_height`` x ``feat_width`` map: (H * W * A, 4), row ``((h * W) + w) * A + a``.
 
@@ -62,12 +87,16 @@ def shift_anchors(base_anchors: Tensor, feat_height: int, feat_width: int, strid
 
 
 class AnchorGenerator(torch.nn.Module):
-    """Caches the shifted anchors per feature-map size, device and dtype (they depend on nothing else)."""
+    """Caches the shifted anchors per feature-map size, device and dtype (they depend on nothing else).
+    ``base_anchors`` given: those (an FPN level's, :func:`level_anchors`), else the reference's."""
 
-    def __init__(self, scales: Sequence[float], ratios: Sequence[float], stride: int = 16, base_size: int = 16):
+    def __init__(self, scales: Sequence[float], ratios: Sequence[float], stride: int = 16, base_size: int = 16,
+                 base_anchors: Tensor | None = None):
         super().__init__()
         self.stride = stride
-        self.register_buffer("base_anchors", generate_anchors(base_size, ratios, scales), persistent=False)
+        if base_anchors is None:
+            base_anchors = generate_anchors(base_size, ratios, scales)
+        self.register_buffer("base_anchors", base_anchors, persistent=False)
         self._cache: dict[tuple[int, int, torch.device, torch.dtype], Tensor] = {}
 
     @property
@@ -79,3 +108,11 @@ class AnchorGenerator(torch.nn.Module):
         if key not in self._cache:
             self._cache[key] = shift_anchors(self.base_anchors, feat_height, feat_width, self.stride)
         return self._cache[key]
+
+
+def anchor_generators(scales: Sequence[float], ratios: Sequence[float], strides: Sequence[int],
+                      pyramid: bool) -> list[AnchorGenerator]:
+    """One generator per level: the reference's at ``strides[0]`` (C4), or :func:`level_anchors` per stride."""
+    if not pyramid:
+        return [AnchorGenerator(scales, ratios, strides[0])]
+    return [AnchorGenerator(scales, ratios, s, base_anchors=level_anchors(s, scales, ratios)) for s in strides]

@@ -8,6 +8,12 @@ stage at stride 2 until ``FEAT_STRIDE`` is reached: 16, 8 or 4; tail: two fully 
 used by the ``demo-cpu`` preset. The big backbones give stride 16 only, and the config refuses another
 ``FEAT_STRIDE`` for them.
 
+With ``NECK=fpn`` (:mod:`frcnn.model.fpn`) the head returns the maps of the backbone's stages through the
+pyramid instead of one map: ResNet's layer1..layer4 (C2..C5, layer4 at its usual stride 2), the tiny backbone's
+last stage at each stride from 4 to ``FEAT_STRIDE``. The tail then reads ``FPN_CHANNELS`` x 7 x 7 crops: ResNet's
+is the FPN paper's two fully connected layers of 1024 (torchvision's ``TwoMLPHead``), the tiny one its own two of
+512.
+
 Starting from pretrained weights (``PRETRAINED``: a file holding a torchvision-style state dict, as
 ``.pth`` or ``.safetensors``), BatchNorm is frozen and the first blocks are fixed as in the reference
 (ResNet: conv1 and ``RESNET.FIXED_BLOCKS`` stages; VGG16: conv1 and conv2). From scratch, every layer
@@ -26,6 +32,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from frcnn.config import Config
 from frcnn.errors import CheckpointError
+from frcnn.model.fpn import PyramidHead, Stages
 
 
 @dataclass
@@ -93,6 +100,11 @@ def _resnet(cfg: Config, load: bool) -> Backbone:
             _load_into(net, cfg.PRETRAINED, ignore_prefixes=("fc.",))
         stages = [net.layer1, net.layer2, net.layer3]
         _freeze(net.conv1, net.bn1, *stages[: cfg.RESNET.FIXED_BLOCKS])
+    if cfg.NECK == "fpn":
+        trunk = Stages([net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4],
+                       taps=(4, 5, 6, 7))
+        return Backbone(PyramidHead(trunk, (256, 512, 1024, 2048), cfg.FPN_CHANNELS),
+                        _mlp_tail(cfg.FPN_CHANNELS * cfg.POOLING_SIZE**2, 1024), cfg.FPN_CHANNELS, 1024)
     # layer4 at stride 1: the 7x7 pooled crops stay 7x7 (reference resnet_v1)
     net.layer4[0].conv2.stride = (1, 1)
     net.layer4[0].downsample[0].stride = (1, 1)
@@ -119,20 +131,28 @@ def _conv_bn(cin: int, cout: int, stride: int, norm: str = "batch") -> list[nn.M
     return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), layer, nn.ReLU(inplace=True)]
 
 
+def _mlp_tail(in_features: int, width: int) -> nn.Sequential:
+    """Two fully connected layers with ReLU on the flattened crop (the FPN paper's head at width 1024)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(inplace=True),
+                         nn.Linear(width, width), nn.ReLU(inplace=True))
+
+
 def _tiny(cfg: Config, load: bool) -> Backbone:
     widths = (32, 64, 128, 128)
     downsampling = cfg.FEAT_STRIDE.bit_length() - 1  # stages that halve the resolution: 4 for stride 16
     layers: list[nn.Module] = []
+    ends, strides = [], []  # each stage's last module and its stride
     cin = 3
     for i, width in enumerate(widths):
         layers += _conv_bn(cin, width, 2 if i < downsampling else 1, cfg.NORM)
         if i:  # one conv in the first stage: a second, at half resolution, is about a sixth of the head's work
             layers += _conv_bn(width, width, 1, cfg.NORM)
         cin = width
-    head = nn.Sequential(*layers)
-    size = cfg.POOLING_SIZE
-    tail = nn.Sequential(nn.Flatten(), nn.Linear(cin * size * size, 512), nn.ReLU(inplace=True),
-                         nn.Linear(512, 512), nn.ReLU(inplace=True))
+        ends.append(len(layers) - 1)
+        strides.append(2 ** min(i + 1, downsampling))
+    head: nn.Module = nn.Sequential(*layers)
+    pooled_channels = cfg.FPN_CHANNELS if cfg.NECK == "fpn" else cin
+    tail = _mlp_tail(pooled_channels * cfg.POOLING_SIZE**2, 512)  # built here: the random init's order is the seed's
     for m in head.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -142,7 +162,10 @@ def _tiny(cfg: Config, load: bool) -> Backbone:
             head.load_state_dict(state)
         except RuntimeError:
             raise CheckpointError(f"PRETRAINED={cfg.PRETRAINED}: not a tiny-backbone head state dict") from None
-    return Backbone(head, tail, cin, 512)
+    if cfg.NECK == "fpn":  # the last stage at each stride from 4 on: C2 (stride 4), C3 (8), C4 (16)
+        taps = [i for i, s in enumerate(strides) if s >= 4 and (i + 1 == len(strides) or strides[i + 1] != s)]
+        head = PyramidHead(Stages(list(head), [ends[i] for i in taps]), [widths[i] for i in taps], cfg.FPN_CHANNELS)
+    return Backbone(head, tail, pooled_channels, 512)
 
 
 def build_backbone(cfg: Config, load_pretrained: bool = True) -> Backbone:

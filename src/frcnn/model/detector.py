@@ -1,5 +1,9 @@
 """FasterRCNN: head -> RPN -> proposal layer -> (targets) -> RoI pooling -> classification network.
 
+The head gives one map (C4, the write-up's) or, with ``NECK=fpn``, a pyramid of maps (:mod:`frcnn.model.fpn`):
+then anchors, RPN and proposal layer work level by level (:mod:`frcnn.model.anchors`, :mod:`frcnn.model.rpn`)
+and each RoI is pooled from the level its size maps to (:func:`frcnn.model.pooling.roi_levels`).
+
 Training (one step): the anchor target layer labels anchors for the RPN loss, the proposal target layer
 samples RoIs for the classification loss, and the four losses are summed.
 
@@ -39,14 +43,14 @@ import torch
 from torch import Tensor, nn
 
 from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive, upcast
-from frcnn.config import Config
+from frcnn.config import Config, pyramid_strides
 from frcnn.errors import ConfigError
 from frcnn.model.anchor_target import Generators, anchor_target_layer
-from frcnn.model.anchors import AnchorGenerator
+from frcnn.model.anchors import AnchorGenerator, anchor_generators
 from frcnn.model.backbones import build_backbone
 from frcnn.model.losses import fast_rcnn_loss, rpn_loss
 from frcnn.model.nms import batched_nms
-from frcnn.model.pooling import pool_rois
+from frcnn.model.pooling import pool_pyramid
 from frcnn.model.proposal_target import proposal_target_layer
 from frcnn.model.roi_heads import ClassificationNetwork
 from frcnn.model.rpn import RPN, proposal_layer
@@ -74,9 +78,20 @@ class FasterRCNN(nn.Module):
         self.num_classes = num_classes
         backbone = build_backbone(cfg, load_pretrained)
         self.head = backbone.head
-        self.anchor_generator = AnchorGenerator(cfg.ANCHOR_SCALES, cfg.ANCHOR_RATIOS, cfg.FEAT_STRIDE)
+        self.strides = list(pyramid_strides(cfg))  # C4: [FEAT_STRIDE]; FPN: P2.. and the RPN's extra level
+        self.anchor_generators = nn.ModuleList(
+            anchor_generators(cfg.ANCHOR_SCALES, cfg.ANCHOR_RATIOS, self.strides, pyramid=cfg.NECK == "fpn"))
         self.rpn = RPN(backbone.head_channels, cfg.RPN_CHANNELS, self.anchor_generator.num_anchors)
         self.classifier = ClassificationNetwork(backbone.tail, backbone.tail_channels, num_classes + 1)
+
+    @property
+    def anchor_generator(self) -> AnchorGenerator:
+        """The first level's (C4: the only one)."""
+        return self.anchor_generators[0]
+
+    @property
+    def pyramid(self) -> bool:
+        return len(self.strides) > 1
 
     def forward(
         self,
@@ -96,16 +111,19 @@ class FasterRCNN(nn.Module):
         """
         cfg, train = self.cfg, self.training
         with maybe_timed(trace, "head"):
-            features = self.head(images)
-        fh, fw = features.shape[-2:]
+            features = self.head(images)  # C4: one map; FPN: a list, finest first (the last for the RPN only)
+        levels = features if self.pyramid else [features]
         with maybe_timed(trace, "anchors"):
-            anchors = self.anchor_generator(fh, fw)
+            level_anchors = [gen(*f.shape[-2:]) for gen, f in zip(self.anchor_generators, levels)]
+            anchors = torch.cat(level_anchors) if self.pyramid else level_anchors[0]
         if trace is not None:
-            trace.put("head", features=features, image_sizes=image_sizes)
-            trace.put("anchors", anchors=anchors, feat_size=(fh, fw), num_base_anchors=self.rpn.num_anchors,
-                      stride=cfg.FEAT_STRIDE)
+            trace.put("head", features=levels[0], image_sizes=image_sizes, levels=levels, strides=self.strides)
+            trace.put("anchors", anchors=anchors, feat_size=tuple(levels[0].shape[-2:]),
+                      num_base_anchors=self.rpn.num_anchors, stride=self.strides[0],
+                      level_sizes=[a.shape[0] for a in level_anchors],
+                      feat_sizes=[tuple(f.shape[-2:]) for f in levels])
         with maybe_timed(trace, "rpn"):
-            rpn_logits, rpn_deltas = self.rpn(features)
+            rpn_logits, rpn_deltas = self.rpn(levels if self.pyramid else features)
             fg_scores = upcast(rpn_logits.detach()).softmax(-1)[..., 1]  # float32: ranks proposals for NMS
         if trace is not None:
             trace.put("rpn", fg_scores=fg_scores, deltas=rpn_deltas)
@@ -114,7 +132,8 @@ class FasterRCNN(nn.Module):
         with maybe_timed(trace, "proposal_layer"):
             rois, _ = proposal_layer(fg_scores, rpn_deltas, anchors, image_sizes,
                                      stage.RPN_PRE_NMS_TOP_N, stage.RPN_POST_NMS_TOP_N, stage.RPN_NMS_THRESH,
-                                     trace, differentiable=exact)
+                                     trace, differentiable=exact,
+                                     level_sizes=[a.shape[0] for a in level_anchors])
         losses: dict[str, Tensor] = {}
         if gt_boxes is not None and gt_labels is not None:
             with maybe_timed(trace, "anchor_target"):
@@ -127,7 +146,8 @@ class FasterRCNN(nn.Module):
         elif train:
             raise ValueError("training needs gt_boxes and gt_labels")
         with maybe_timed(trace, "roi_pooling"):  # exact: grid_sample, differentiable w.r.t. the rois
-            pooled = pool_rois(features, rois, cfg.POOLING_MODE, cfg.POOLING_SIZE, cfg.FEAT_STRIDE)
+            pooled = pool_pyramid(levels[:-1] if self.pyramid else levels, rois, cfg.POOLING_MODE, cfg.POOLING_SIZE,
+                                  self.strides[:-1] if self.pyramid else self.strides)
         if trace is not None:
             trace.put("roi_pooling", rois=rois, crops=pooled, mode=cfg.POOLING_MODE, size=cfg.POOLING_SIZE)
         with maybe_timed(trace, "classification"):

@@ -82,6 +82,32 @@ def crop_pool_grid_sample(features: Tensor, rois: Tensor, size: int, stride: int
     return F.max_pool2d(out, 2, 2) if max_pool else out
 
 
+def roi_levels(rois: Tensor, k_min: int, k_max: int, canonical_size: float = 224.0, canonical_level: int = 4
+               ) -> Tensor:
+    """The pyramid level of each RoI (FPN paper, eq. 1): ``k = floor(k0 + log2(sqrt(w h) / 224))`` clamped to
+    ``[k_min, k_max]``, ``w`` and ``h`` the RoI's +1 sizes (torchvision's exclusive ones), with torchvision's
+    ``1e-6`` against rounding at the boundaries. A 224-px RoI reads P4, 112 px P3, 448 px P5."""
+    w = rois[:, 3] - rois[:, 1] + 1
+    h = rois[:, 4] - rois[:, 2] + 1
+    k = torch.floor(canonical_level + torch.log2(torch.sqrt(w * h) / canonical_size) + 1e-6)
+    return k.clamp(k_min, k_max).long()
+
+
+def pool_pyramid(levels: list[Tensor], rois: Tensor, mode: str, size: int, strides: list[int]) -> Tensor:
+    """Pool each RoI from its level (:func:`roi_levels`) of ``levels`` (maps at ``strides``, finest first), in any
+    POOLING_MODE; one map: :func:`pool_rois`. (R, C, size, size), in the order of ``rois``."""
+    if len(levels) == 1:
+        return pool_rois(levels[0], rois, mode, size, strides[0])
+    first = strides[0].bit_length() - 1
+    level = roi_levels(rois.detach(), first, strides[-1].bit_length() - 1) - first
+    out = levels[0].new_zeros((rois.shape[0], levels[0].shape[1], size, size))
+    for i, (features, stride) in enumerate(zip(levels, strides)):
+        idx = (level == i).nonzero().squeeze(1)
+        if idx.numel():
+            out[idx] = pool_rois(features, rois[idx], mode, size, stride).to(out.dtype)
+    return out
+
+
 def pool_rois(features: Tensor, rois: Tensor, mode: str, size: int, stride: int) -> Tensor:
     """Dispatch on POOLING_MODE; every mode returns (R, C, size, size)."""
     if mode == "crop":

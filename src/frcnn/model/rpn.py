@@ -5,15 +5,23 @@
 applies the coefficients to the anchors, clips the boxes to the image, keeps the top
 ``RPN_PRE_NMS_TOP_N`` by foreground score, runs NMS at ``RPN_NMS_THRESH`` and keeps at most
 ``RPN_POST_NMS_TOP_N``. Boxes are in network-input pixels.
+
+With a pyramid (``NECK=fpn``) the same three convolutions run over every level and the anchors of all levels are
+scored together (level by level, finest first). The proposal layer then keeps the top ``RPN_PRE_NMS_TOP_N`` of
+*each* level, runs NMS within each level, and keeps the best ``RPN_POST_NMS_TOP_N`` over all levels: torchvision's
+``RegionProposalNetwork`` and detectron2's ``find_top_rpn_proposals`` do so (the FPN paper ranks the top
+proposals of all levels together after a per-level pre-selection).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive, upcast
-from frcnn.model.nms import nms
+from frcnn.model.nms import batched_nms, nms
 from frcnn.model.trace import Trace
 
 
@@ -28,11 +36,15 @@ class RPN(nn.Module):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        """Scores (N, H*W*A, 2) and deltas (N, H*W*A, 4), anchors ordered ((h * W) + w) * A + a.
+    def forward(self, features: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """Scores (N, H*W*A, 2) and deltas (N, H*W*A, 4), anchors ordered ((h * W) + w) * A + a; for a list
+        of maps (a pyramid) the levels' rows one after the other, finest first.
 
         As in the reference, the 2A score channels are all A background scores, then all A foreground.
         """
+        if not isinstance(features, Tensor):
+            outputs = [self(level) for level in features]
+            return torch.cat([o[0] for o in outputs], 1), torch.cat([o[1] for o in outputs], 1)
         n, _, h, w = features.shape
         a = self.num_anchors
         x = torch.relu(self.rpn_net(features))
@@ -51,6 +63,7 @@ def proposal_layer(
     nms_thresh: float,
     trace: Trace | None = None,
     differentiable: bool = False,
+    level_sizes: Sequence[int] = (),
 ) -> tuple[Tensor, Tensor]:
     """Turn anchors into proposals.
 
@@ -64,24 +77,36 @@ def proposal_layer(
     whose log-size clamp cuts it above ``BBOX_XFORM_CLIP``) and the clipping (``clamp``: it passes where
     the box lies inside the image). The sort, the top-k and NMS only choose indices, never with a gradient;
     the values are the same either way.
+
+    ``level_sizes``: the number of anchors of each pyramid level (their rows one after the other); with more
+    than one, ``pre_nms_top_n`` is per level and NMS runs within each level (module docstring).
     """
     fg_scores, deltas = upcast(fg_scores.detach()), upcast(deltas if differentiable else deltas.detach())
     n, m = fg_scores.shape
     sizes = image_sizes.to(deltas.dtype)
     boxes = bbox_transform_inv(anchors.unsqueeze(0), deltas)
     boxes = clip_boxes(boxes, sizes[:, 0].view(n, 1, 1), sizes[:, 1].view(n, 1, 1))
-    k = min(pre_nms_top_n, m) if pre_nms_top_n > 0 else m
     # a stable sort, not topk: equal scores (flat image regions) keep the lower anchor index first, on every
     # device and in the exported ONNX graph (whose TopK breaks ties so), so NMS keeps the same boxes
-    top_scores, order = fg_scores.sort(dim=1, descending=True, stable=True)
-    top_scores, order = top_scores[:, :k], order[:, :k]
-    top_boxes = boxes.gather(1, order.unsqueeze(-1).expand(n, k, 4))
+    orders, levels, start = [], [], 0
+    for j, size in enumerate(level_sizes if len(level_sizes) > 1 else (m,)):
+        k = min(pre_nms_top_n, size) if pre_nms_top_n > 0 else size
+        order = fg_scores[:, start : start + size].sort(dim=1, descending=True, stable=True)[1][:, :k] + start
+        orders.append(order)
+        levels.append(torch.full((k,), j, dtype=torch.long, device=order.device))
+        start += size
+    order, level = torch.cat(orders, 1), torch.cat(levels)
+    top_scores = fg_scores.gather(1, order)
+    top_boxes = boxes.gather(1, order.unsqueeze(-1).expand(*order.shape, 4))
     rois, scores = [], []
     thresh = nms_threshold(nms_thresh, top_boxes.dtype)
+    post = post_nms_top_n if post_nms_top_n > 0 else None
     for i in range(n):
         with torch.no_grad():  # NMS chooses indices
-            keep = nms(to_exclusive(top_boxes[i]), top_scores[i], thresh,
-                       post_nms_top_n if post_nms_top_n > 0 else None)
+            if len(orders) > 1:  # within each level, then the best over all levels
+                keep = batched_nms(to_exclusive(top_boxes[i]), top_scores[i], level, thresh)[:post]
+            else:
+                keep = nms(to_exclusive(top_boxes[i]), top_scores[i], thresh, post)
         kept = top_boxes[i, keep]
         rois.append(torch.cat((kept.new_full((kept.shape[0], 1), i), kept), dim=1))
         scores.append(top_scores[i, keep])
@@ -89,5 +114,5 @@ def proposal_layer(
     if trace is not None:
         trace.put("proposal_layer", pre_nms_boxes=top_boxes, pre_nms_scores=top_scores, rois=out_rois,
                   scores=out_scores, pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
-                  nms_thresh=nms_thresh)
+                  nms_thresh=nms_thresh, levels=level)
     return out_rois, out_scores
