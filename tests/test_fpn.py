@@ -62,7 +62,8 @@ def test_level_anchors_equal_torchvisions_fpn_anchors_in_the_plus_one_convention
     h, w = 192, 320
     feats = [torch.zeros(1, 1, -(-h // s), -(-w // s)) for s in strides]
     want = tv(ImageList(torch.zeros(1, 3, h, w), [(h, w)]), feats)[0]
-    got = torch.cat([shift_anchors(level_anchors(s, [8], [0.5, 1, 2]), *f.shape[-2:], s) for s, f in zip(strides, feats)])
+    got = torch.cat([shift_anchors(level_anchors(s, [8], [0.5, 1, 2]), *f.shape[-2:], s)
+                     for s, f in zip(strides, feats)])
     torch.testing.assert_close(got + torch.tensor([0.0, 0.0, 1.0, 1.0]), want, rtol=0, atol=0)
 
 
@@ -141,7 +142,8 @@ def _independent_multilevel_proposals(fg, deltas, anchors, sizes, h, w, pre, pos
 def test_multilevel_proposal_layer_matches_torchvisions_rule():
     torch.manual_seed(3)
     strides, shapes = [8, 16, 32], [(12, 16), (6, 8), (3, 4)]
-    anchors = torch.cat([shift_anchors(level_anchors(s, [8], [0.5, 1, 2]), h, w, s) for s, (h, w) in zip(strides, shapes)])
+    anchors = torch.cat([shift_anchors(level_anchors(s, [8], [0.5, 1, 2]), h, w, s)
+                         for s, (h, w) in zip(strides, shapes)])
     sizes = [h * w * 3 for h, w in shapes]
     m = anchors.shape[0]
     fg = torch.rand(2, m)  # distinct scores: the order is unambiguous

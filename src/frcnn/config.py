@@ -180,8 +180,9 @@ class Config:
         else:
             strides = (4, 8, 16) if self.BACKBONE == "tiny" else (16,)
         if self.FEAT_STRIDE not in strides:
-            what = (f"BACKBONE={self.BACKBONE} with NECK=fpn (its last pyramid stage"
-                    + (", C5" if self.BACKBONE != "tiny" else "") + ")") if self.NECK == "fpn" else f"BACKBONE={self.BACKBONE}"
+            what = f"BACKBONE={self.BACKBONE}"
+            if self.NECK == "fpn":
+                what += " with NECK=fpn (its last pyramid stage" + (", C5)" if self.BACKBONE != "tiny" else ")")
             raise ConfigError(f"FEAT_STRIDE={self.FEAT_STRIDE} is not one of {', '.join(map(str, strides))} for {what}")
         if not 0 <= self.RESNET.FIXED_BLOCKS <= 3:
             raise ConfigError(f"RESNET.FIXED_BLOCKS={self.RESNET.FIXED_BLOCKS} must lie in 0..3")
