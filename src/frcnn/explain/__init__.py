@@ -15,6 +15,8 @@ Files, and the stage of the write-up each draws (the ``stages`` modules are name
 - ``stages/pooling.py``: 6. RoI pooling
 - ``stages/roi_heads.py``: 7. classification layer
 - ``stages/detections.py``: 8. per-class non-maximum suppression; 9. final detections
+- ``stages/levels.py``: the pyramid levels of an FPN model (``NECK=fpn``): stages 2, 3, 4 and 6 then show
+  every level (anchors, objectness, proposals and RoIs by level) beside what they show for C4
 - ``stages/__init__.py``: 10. time spent per stage, and :func:`build_stages` (every stage in order)
 - ``page.py``: the HTML page and its PNGs; ``report.py``: the training-run page (``frcnn report``)
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from frcnn.config import Config
+from frcnn.config import Config, pyramid_strides
 from frcnn.explain.page import Section, prepare_out, to_jsonable, write_page
 from frcnn.explain.run import ExplainRun, GroundTruth, find_annotation, read_ground_truth, run_traced
 from frcnn.explain.stages import Stage, build_stages
@@ -53,6 +55,11 @@ def write_explain(run: ExplainRun, out: Path, title: str, subtitle: Sequence[str
     return index
 
 
+def _neck(cfg: Config) -> str:
+    """``" + FPN (strides 4, 8, 16, 32)"`` for a pyramid; nothing for C4 (its subtitle as it always was)."""
+    return f" + FPN (strides {', '.join(str(s) for s in pyramid_strides(cfg))})" if cfg.NECK == "fpn" else ""
+
+
 def explain_image(model: FasterRCNN, cfg: Config, class_names: Sequence[str], image_path: Path, out: Path,
                   gt_path: Path | None = None, threshold: float = 0.5, write_json: bool = False,
                   checkpoint: str = "", device: str | torch.device | None = None) -> Path:
@@ -71,7 +78,8 @@ def explain_image(model: FasterRCNN, cfg: Config, class_names: Sequence[str], im
     run = run_traced(model, cfg, class_names, image, gt, device=device)
     device = next(model.parameters()).device
     subtitle = [f"image {image_path} ({image.width} x {image.height})",
-                f"checkpoint {checkpoint or '(in memory)'}; backbone {cfg.BACKBONE}, POOLING_MODE {cfg.POOLING_MODE}; "
+                f"checkpoint {checkpoint or '(in memory)'}; backbone {cfg.BACKBONE}{_neck(cfg)}, "
+                f"POOLING_MODE {cfg.POOLING_MODE}; "
                 f"classes: {', '.join(class_names)}; device {device}",
                 f"ground truth: {xml}" if xml is not None else "no ground truth (stage 5 needs --gt)"]
     with torch.no_grad():

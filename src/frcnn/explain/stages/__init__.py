@@ -9,7 +9,8 @@ One module per part of the pipeline, named as in :mod:`frcnn.model` and in the o
 :mod:`.canvas` (what every stage shares), :mod:`.anchors` (stages 1-2), :mod:`.rpn` (3-4), :mod:`.targets` (5),
 :mod:`.pooling` (6), :mod:`.roi_heads` (7), :mod:`.detections` (8-9); stage 10 and :func:`build_stages` are here
 (the map with the stage titles: :mod:`frcnn.explain`). Every public name of those modules is importable
-from here (``from frcnn.explain.stages import ...``).
+from here (``from frcnn.explain.stages import ...``). :mod:`.levels` reads an FPN model's pyramid levels from
+the trace; stages 2, 3, 4 and 6 then show them level by level (the level helpers stay in the stage modules).
 """
 
 from __future__ import annotations
@@ -37,18 +38,27 @@ from frcnn.explain.stages.detections import (
     final_stage,
     match_detections,
 )
-from frcnn.explain.stages.pooling import TOP_ROIS, pooling_stage, top_rois
+from frcnn.explain.stages.levels import LEVEL_COLORS, Level, pooling_level_of, pyramid_levels
+from frcnn.explain.stages.pooling import TOP_ROIS, pooling_stage, rois_by_level, size_range, top_rois
 from frcnn.explain.stages.roi_heads import classification_stage
-from frcnn.explain.stages.rpn import TOP_BOXES, proposal_stage, rpn_stage
+from frcnn.explain.stages.rpn import (
+    TOP_BOXES,
+    kept_levels,
+    level_objectness,
+    objectness_tiles,
+    proposal_stage,
+    rpn_stage,
+)
 from frcnn.explain.stages.targets import anchor_target_numbers, proposal_target_numbers, targets_stage
 from frcnn.viz import charts
 
 __all__ = [
-    "BACKGROUND_COLOR", "BG_NAME", "FP_COLOR", "MAX_DRAWN", "MISS_COLOR", "STAGE_ORDER", "TOP_BOXES", "TOP_ROIS",
-    "TP_COLOR", "Canvas", "Stage", "anchor_target_numbers", "anchors_stage", "build_stages", "class_nms_stage",
-    "classification_stage", "display_factor", "draw_boxes", "feature_overlay", "final_stage", "make_canvas",
-    "match_detections", "pooling_stage", "preprocess_stage", "proposal_stage", "proposal_target_numbers",
-    "rpn_stage", "targets_stage", "timing_stage", "top_rois",
+    "BACKGROUND_COLOR", "BG_NAME", "FP_COLOR", "LEVEL_COLORS", "MAX_DRAWN", "MISS_COLOR", "STAGE_ORDER", "TOP_BOXES",
+    "TOP_ROIS", "TP_COLOR", "Canvas", "Level", "Stage", "anchor_target_numbers", "anchors_stage", "build_stages",
+    "class_nms_stage", "classification_stage", "display_factor", "draw_boxes", "feature_overlay", "final_stage",
+    "kept_levels", "level_objectness", "make_canvas", "match_detections", "objectness_tiles", "pooling_level_of",
+    "pooling_stage", "preprocess_stage", "proposal_stage", "proposal_target_numbers", "pyramid_levels",
+    "rois_by_level", "rpn_stage", "size_range", "targets_stage", "timing_stage", "top_rois",
 ]
 
 

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from frcnn.explain.run import ExplainRun
 from frcnn.explain.stages.canvas import Stage, _line, _ms, _tag, draw_boxes, make_canvas
+from frcnn.explain.stages.levels import CANONICAL_LEVEL, CANONICAL_SIZE, Level, pooling_level_of, pyramid_levels
 from frcnn.viz import charts
 
 TOP_ROIS = 6  # RoIs shown in the pooling and classification pictures
@@ -42,6 +43,8 @@ def pooling_stage(run: ExplainRun) -> Stage:
     rec = run.trace["roi_pooling"]
     rois, crops = rec["rois"].cpu(), rec["crops"].cpu()
     idx = top_rois(run)
+    levels = pyramid_levels(run)
+    of = pooling_level_of(levels, rois) if levels else None
     summary = crops.mean(dim=1).numpy()  # channel mean per pooled cell
     lo, hi = (float(summary[idx].min()), float(summary[idx].max())) if len(idx) else (0.0, 1.0)
     side = 112
@@ -51,7 +54,8 @@ def pooling_stage(run: ExplainRun) -> Stage:
         box = rois[i, 1:]
         w, h = (run.to_original(box.view(1, 4))[0, 2:] - run.to_original(box.view(1, 4))[0, :2] + 1).tolist()
         pair = charts.hstack([_crop(run, box, side), charts.heatmap(summary[i], cell, lo, hi, grid=True)], gap=4)
-        tiles.append(charts.label_above(pair, f"RoI {n}: {w:.0f} x {h:.0f} px", size=13))
+        where = f", {levels[int(of[i])].name}" if levels else ""
+        tiles.append(charts.label_above(pair, f"RoI {n}: {w:.0f} x {h:.0f} px{where}", size=13))
     rows = [charts.hstack(tiles[k:k + 3], gap=14) for k in range(0, len(tiles), 3)]
     canvas = make_canvas(run)
     overview = draw_boxes(canvas.image, canvas.from_original(run.to_original(rois[idx, 1:])),
@@ -78,4 +82,66 @@ def pooling_stage(run: ExplainRun) -> Stage:
             f"{how}, giving a {rec['size']} x {rec['size']} map per RoI whatever its shape: non-square RoIs are "
             "warped to a square. Left of each pair: the RoI's pixels (warped the same way); right: its pooled "
             "features, averaged over the channels.")
-    return Stage("06_roi_pooling", f"6. RoI pooling ({rec['mode']})", text, numbers, picture)
+    stage = Stage("06_roi_pooling", f"6. RoI pooling ({rec['mode']})", text, numbers, picture)
+    return _pyramid_pooling(run, levels, stage, how) if levels else stage
+
+
+# ------------------------------------------------------------------------------ FPN: RoIs by level
+
+def rois_by_level(run: ExplainRun, levels: list[Level]) -> list[Tensor]:
+    """Per pooled level (all but the RPN-only last), the indices of the pooled RoIs it is pooled from, in the
+    order of the pooled RoIs (:func:`~frcnn.explain.stages.levels.pooling_level_of`)."""
+    of = pooling_level_of(levels, run.trace["roi_pooling"]["rois"])
+    return [(of == lv.index).nonzero().squeeze(1) for lv in levels[:-1]]
+
+
+def size_range(levels: list[Level], lv: Level) -> str:
+    """The RoI sizes ``sqrt(w h)`` (network px) the level rule sends to ``lv``, e.g. ``"112 - 224 px"``."""
+    lo = CANONICAL_SIZE * 2.0 ** (lv.k - CANONICAL_LEVEL)
+    hi = 2 * lo
+    if len(levels) == 2:
+        return "any"
+    if lv.index == 0:
+        return f"< {hi:g} px"
+    if lv.index == len(levels) - 2:
+        return f">= {lo:g} px"
+    return f"{lo:g} - {hi:g} px"
+
+
+def _pyramid_pooling(run: ExplainRun, levels: list[Level], stage: Stage, how: str) -> Stage:
+    """Stage 6 for FPN: the C4 picture and numbers, plus every pooled RoI coloured by its level, counts per level."""
+    rois = run.trace["roi_pooling"]["rois"].cpu()
+    groups = rois_by_level(run, levels)
+    pooled = levels[:-1]
+    canvas = make_canvas(run)
+    order = torch.cat(groups).flip(0) if groups else torch.zeros(0, dtype=torch.long)  # the finest drawn on top
+    colour_of = {int(i): lv.color for lv, g in zip(pooled, groups) for i in g}
+    img = draw_boxes(canvas.image, canvas.from_original(run.to_original(rois[order, 1:])),
+                     [colour_of[int(i)] for i in order], width=max(1, _line(canvas.image.width) - 1))
+    legend = charts.legend([(f"{lv.name} (stride {lv.stride}, sqrt(wh) {size_range(levels, lv)}): {len(g)} RoIs",
+                             lv.color) for lv, g in zip(pooled, groups)], img.width, title="pooled from:")
+    stage.image = charts.vstack([stage.image, charts.vstack([
+        charts.label_above(img, f"all {len(rois)} RoIs, coloured by the level they are pooled from"), legend])],
+        gap=12)
+    k_min, k_max = pooled[0].k, pooled[-1].k
+    rule = (f"k = floor({CANONICAL_LEVEL} + log2(sqrt(w h) / {CANONICAL_SIZE:g})) clamped to [{k_min}, {k_max}]")
+    numbers = {k: v for k, v in stage.numbers.items() if k != "FEAT_STRIDE"}
+    numbers["level_rule"] = rule
+    numbers["levels"] = [{"level": lv.name, "stride": lv.stride, "sqrt_wh": size_range(levels, lv), "rois": len(g),
+                          "roi_indices": g.tolist()} for lv, g in zip(pooled, groups)]
+    if "proposal_target" in run.trace:  # what training would pool: the sampled RoIs
+        of = pooling_level_of(levels, run.trace["proposal_target"]["rois"])
+        numbers["sampled_rois_per_level"] = {lv.name: int((of == lv.index).sum()) for lv in pooled}
+    stage.numbers = numbers
+    size = run.trace["roi_pooling"]["size"]
+    takes = ", ".join(f"{lv.name} (stride {lv.stride}) takes sqrt(wh) {size_range(levels, lv)}" for lv in pooled)
+    stage.text = (f"With a pyramid, each RoI is pooled from one level, chosen by its size (FPN paper, eq. 1): {rule}, "
+                  f"w and h the RoI's size in network pixels: a {CANONICAL_SIZE:g}-px RoI reads P{CANONICAL_LEVEL}, "
+                  "a RoI half as large the level below, one twice as large the level above, within the clamp; "
+                  f"here {takes}. "
+                  f"The RPN-only level {levels[-1].name} is never pooled. The RoI is divided by its level's stride "
+                  f"2^k onto that level's map and cut out with {how}, giving a {size} x {size} map per RoI whatever "
+                  "its shape and level (non-square RoIs are warped to a square); all levels have the same channels, "
+                  "so one classification network reads them all. Top: the RoIs of stage 7, each pair its pixels and "
+                  "its pooled features averaged over the channels; bottom: every RoI, coloured by its level.")
+    return stage
