@@ -167,7 +167,10 @@ CASES = [
      text(lambda t: "x: &a [1, 1]\ny: [*a, *a]\n" + t), r"not valid YAML \(an alias"),
     ("config-other-backbone", "config.yaml", "model.safetensors",
      text(lambda t: t.replace("BACKBONE: tiny", "BACKBONE: vgg16").replace("FEAT_STRIDE: 8", "FEAT_STRIDE: 16")),
-     r"\(BACKBONE vgg16\) .*: missing head\.0\.bias and 19 more, unexpected .* \(another BACKBONE\?\)"),
+     r"\(BACKBONE vgg16, NECK none\) .*: missing head\.0\.bias and 19 more, unexpected .* \(another BACKBONE\?\)"),
+    ("config-other-neck", "config.yaml", "model.safetensors", text(lambda t: t.replace("NECK: none", "NECK: fpn")),
+     r"\(BACKBONE tiny, NECK fpn\) .*: the weights are a NECK=none model's \(one C4 feature map\), the model is "
+     r"NECK=fpn \(a feature pyramid\)"),
     ("config-bad-choice", "config.yaml", None, text(lambda t: t.replace("POOLING_MODE: align", "POOLING_MODE: mean")),
      r"POOLING_MODE='mean' is not one of"),
     ("config-unbuildable", "config.yaml", None, text(lambda t: t.replace("RPN_CHANNELS: 128", "RPN_CHANNELS: -3")),

@@ -120,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="find problems in a data set before training; anchor fit",
                        description="Check a VOC root (every split, or --split) or a COCO JSON: counts, every "
                                    "problem with its file and value (repairable or not), and how well the "
-                                   "config's anchors fit the boxes (with the ANCHOR_SCALES that auto would "
-                                   "choose, as frcnn train does). Exit code 0: nothing that training cannot "
-                                   "repair; 1: a problem training would stop on; 2: the data cannot be read.")
+                                   "config's anchors fit the boxes (with NECK=fpn every pyramid level's; with "
+                                   "NECK=none also the ANCHOR_SCALES that auto would choose, as frcnn train "
+                                   "does). Exit code 0: nothing that training cannot repair; 1: a problem "
+                                   "training would stop on; 2: the data cannot be read.")
     p.add_argument("--data", required=True, type=Path, help="VOC root or COCO annotation JSON")
     p.add_argument("--split", help="one image set (VOC) or another JSON next to --data (COCO); default: all")
     p.add_argument("--classes", help="expected class names, comma-separated (others are unknown classes)")
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a checkpoint's whole detector to ONNX (opset 20, dynamo exporter): head, "
                                    "anchors, RPN, proposal layer, RoI pooling, classification and per-class NMS, "
                                    "for one pre-processed image of any size; class names and config go into its "
-                                   "metadata. Needs the onnx extra: pip install 'frcnn[onnx]'.")
+                                   "metadata. Needs the onnx extra: pip install 'frcnn[onnx]'. C4 models only: a "
+                                   "NECK=fpn checkpoint is refused (run it with --engine torch).")
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (a training run's --out)")
     p.add_argument("--out", required=True, type=Path, metavar="MODEL.onnx",
                    help="the file to write (refused if it exists)")
@@ -287,16 +289,17 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes) if args.classes else None
     report = check_data(args.data, args.split, classes, args.images, progress=not (args.no_progress or args.json))
     samples = fit_samples(report)
-    # fits[0] is what ANCHOR_SCALES=auto chooses (anchor_fit.auto_anchor_fit, frcnn train's code path)
-    fits = suggest_scales(samples, cfg)
+    # fits[0] is what ANCHOR_SCALES=auto chooses (anchor_fit.auto_anchor_fit, frcnn train's code path); the
+    # suggestion is for C4 anchors: with NECK=fpn only the fit of the pyramid's anchors is reported
+    fits = suggest_scales(samples, cfg) if cfg.NECK == "none" else []
     auto = cfg.ANCHOR_SCALES == AUTO
     current = fits[0] if auto else anchor_fit(samples, cfg)
     if args.plot:
         write_histograms(current, args.plot)
     if args.json:
         print(json.dumps({**report.to_json(), "anchor_fit": current.to_json(report.classes),
-                          "suggested_anchor_scales": list(fits[0].scales),
-                          "suggested_fit": fits[0].to_json(report.classes)}))
+                          "suggested_anchor_scales": list(fits[0].scales) if fits else None,
+                          "suggested_fit": fits[0].to_json(report.classes) if fits else None}))
     else:
         print("\n".join(format_counts(report) + format_problems(report)
                         + format_fit(fits, current, report.classes, auto=auto)))
@@ -431,7 +434,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     import torch
 
-    from frcnn.config import load_config, merge, parse_override
+    from frcnn.config import config_to_dict, load_config, merge, parse_override
     from frcnn.engine.benchmark import format_result, random_rpn, run_benchmark
     from frcnn.engine.checkpoint import CONFIG, choose_device, load_model
     from frcnn.errors import ConfigError
@@ -448,6 +451,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.engine == "onnxruntime" and (checkpoint.suffix == ".onnx" or (checkpoint / "model.onnx").is_file()):
         return _benchmark_onnx_file(args, checkpoint)
     cfg = load_config(str(checkpoint / CONFIG) if (checkpoint / CONFIG).is_file() else args.config, args.overrides)
+    if args.engine == "onnxruntime":
+        from frcnn.engine.export import refuse_pyramid
+
+        refuse_pyramid(cfg, "--engine onnxruntime (frcnn export)")
+    asked = cfg  # the checkpoint's config and --set: the model's (--quick changes the run, not the network)
     if args.quick:
         from frcnn.engine.fast_mode import quick_overrides
 
@@ -463,10 +471,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         updates.append(f"TEST.RPN_POST_NMS_TOP_N={args.rois}")
     for text in updates:
         cfg = merge(cfg, parse_override(text))
-    if (checkpoint / CONFIG).is_file():
-        model, ckpt = load_model(checkpoint, device, overrides={"TEST": {
+    if (checkpoint / CONFIG).is_file():  # --set reaches the model: one that changes its network (NECK=fpn on a C4
+        # checkpoint) is one line from load_model, never a silent run of the checkpoint's own network
+        model, ckpt = load_model(checkpoint, device, overrides=config_to_dict(merge(asked, {"TEST": {
             "SCALES": list(cfg.TEST.SCALES), "MAX_SIZE": cfg.TEST.MAX_SIZE,
-            "RPN_POST_NMS_TOP_N": cfg.TEST.RPN_POST_NMS_TOP_N}})
+            "RPN_POST_NMS_TOP_N": cfg.TEST.RPN_POST_NMS_TOP_N}})))
         classes = ckpt.class_names
     else:
         torch.manual_seed(0)

@@ -10,6 +10,11 @@ TRAIN.RPN_POSITIVE_OVERLAP``, 0.7) or at least one that is not background (``>= 
 0.3). A box below 0.3 is learnt from a single weak type-A anchor at best: its object is too small (or too
 large, or too elongated) for the anchors.
 
+With ``NECK=fpn`` the anchors are every pyramid level's (:func:`frcnn.model.anchors.level_anchors` at each of
+:func:`frcnn.config.pyramid_strides`, shifted over that level's ``ceil(size / stride)`` grid): a box's best IoU is
+over all levels' inside anchors, its positives are summed over the levels. Choosing the scales (below) is for the
+C4 anchors only (``NECK=none``; the config refuses ``ANCHOR_SCALES=auto`` with ``fpn``).
+
 Choosing ``ANCHOR_SCALES`` (check-data's suggestion and ``ANCHOR_SCALES: auto`` in ``frcnn train``, one code
 path: :func:`auto_anchor_fit`) is two separate parts:
 
@@ -33,10 +38,10 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from frcnn.boxes import box_area, scale_boxes
-from frcnn.config import AUTO, Config
+from frcnn.config import AUTO, Config, pyramid_strides
 from frcnn.data.sample import Sample
 from frcnn.errors import ConfigError
-from frcnn.model.anchors import generate_anchors
+from frcnn.model.anchors import generate_anchors, level_anchors
 from frcnn.transforms import compute_scale
 
 __all__ = ["AnchorFit", "anchor_fit", "auto_anchor_fit", "auto_anchor_scales", "best_anchor_iou", "candidate_scales",
@@ -170,18 +175,29 @@ class AnchorFit:
     images: int = 0
     groups: list[Group] | None = field(default=None, repr=False)  # for positives(), in the order of best_iou
     _positives: Tensor | None = field(default=None, repr=False)
+    levels: tuple[int, ...] = ()  # NECK=fpn: the pyramid's strides (the anchors of every level); C4: ()
 
     @property
     def count(self) -> int:
         return int(self.best_iou.numel())
 
+    def anchor_levels(self) -> list[tuple[Tensor, int]]:
+        """``(reference anchors, stride)`` of each level: C4's one (the reference's, base 16, at ``stride``) or
+        each FPN level's (:func:`level_anchors`)."""
+        return level_base_anchors(self.scales, self.ratios, self.stride, self.levels)
+
+    def anchor_sizes(self) -> list[float]:
+        """The anchors' sizes in pixels (ratio 1): ``16 x scale`` (C4), ``scale x stride`` of every level (FPN)."""
+        if self.levels:
+            return [s * stride for stride in self.levels for s in self.scales]
+        return [16 * s for s in self.scales]
+
     def positives(self) -> Tensor:
         """(n,) per box, the inside anchors at IoU ``>= positive`` (:func:`positive_anchor_counts`); computed
         on first use."""
         if self._positives is None:
-            base = generate_anchors(16, self.ratios, self.scales)
-            counts = [positive_anchor_counts(g.boxes, g.height, g.width, base, self.stride, self.positive)
-                      for g in self.groups or []]
+            counts = [sum(positive_anchor_counts(g.boxes, g.height, g.width, base, stride, self.positive)
+                          for base, stride in self.anchor_levels()) for g in self.groups or []]
             self._positives = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
         return self._positives
 
@@ -193,12 +209,14 @@ class AnchorFit:
     def untrained_anchors(self) -> list[tuple[int, int]]:
         """(width, height) in pixels of the anchor shapes that lie inside no training image at this scale: the RPN
         never learns their scores, yet at test time they propose (clipped) among the others."""
-        base = generate_anchors(16, self.ratios, self.scales)
-        fits = torch.zeros(base.shape[0], dtype=torch.bool)
-        for g in self.groups or []:
-            fits |= anchors_inside(g.height, g.width, base, self.stride)
-        wh = base[:, 2:] - base[:, :2] + 1
-        return [(round(float(w)), round(float(h))) for (w, h), ok in zip(wh.tolist(), fits.tolist()) if not ok]
+        shapes = []
+        for base, stride in self.anchor_levels():
+            fits = torch.zeros(base.shape[0], dtype=torch.bool)
+            for g in self.groups or []:
+                fits |= anchors_inside(g.height, g.width, base, stride)
+            wh = base[:, 2:] - base[:, :2] + 1
+            shapes += [(round(float(w)), round(float(h))) for (w, h), ok in zip(wh.tolist(), fits.tolist()) if not ok]
+        return shapes
 
     def positives_per_image(self) -> float | None:
         """All boxes' positive anchors over the number of images (images without boxes included)."""
@@ -229,7 +247,8 @@ class AnchorFit:
         out = {"anchor_scales": list(self.scales), "anchor_ratios": list(self.ratios), "feat_stride": self.stride,
                "scale": self.target_size, "max_size": self.max_size, "positive_overlap": self.positive,
                "negative_overlap": self.negative,
-               "anchor_sizes": [16 * s for s in self.scales], **self.summary(),
+               "anchor_sizes": self.anchor_sizes(), **({"pyramid_strides": list(self.levels)} if self.levels else {}),
+               **self.summary(),
                "positives_per_image": round(p, 3) if (p := self.positives_per_image()) is not None else None}
         if classes:
             out["per_class"] = {name: self.summary(self.labels == k) for k, name in enumerate(classes, start=1)
@@ -249,14 +268,26 @@ def anchor_fit(
     target_size = cfg.TRAIN.SCALES[0] if target_size is None else target_size
     if groups is None:
         groups = resized_groups(samples, target_size, cfg.TRAIN.MAX_SIZE)
-    base = generate_anchors(16, cfg.ANCHOR_RATIOS, scales)
-    best = [best_anchor_iou(g.boxes, g.height, g.width, base, cfg.FEAT_STRIDE) for g in groups]
+    levels = pyramid_strides(cfg) if cfg.NECK == "fpn" else ()
+    anchors = level_base_anchors(scales, cfg.ANCHOR_RATIOS, cfg.FEAT_STRIDE, levels)
+    best = [torch.stack([best_anchor_iou(g.boxes, g.height, g.width, base, stride) for base, stride in anchors])
+            .max(dim=0).values for g in groups]
     boxes = torch.cat([g.boxes for g in groups]) if groups else torch.zeros(0, 4)
     w, h = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
     return AnchorFit(scales, tuple(cfg.ANCHOR_RATIOS), cfg.FEAT_STRIDE, target_size, cfg.TRAIN.MAX_SIZE,
                      cfg.TRAIN.RPN_POSITIVE_OVERLAP, cfg.TRAIN.RPN_NEGATIVE_OVERLAP, (w * h).sqrt(), h / w,
                      torch.cat([g.labels for g in groups]) if groups else torch.zeros(0, dtype=torch.long),
-                     torch.cat(best) if best else torch.zeros(0), sum(g.images for g in groups), groups)
+                     torch.cat(best) if best else torch.zeros(0), sum(g.images for g in groups), groups,
+                     levels=tuple(levels))
+
+
+def level_base_anchors(scales: Sequence[float], ratios: Sequence[float], stride: int, levels: Sequence[int] = ()
+                       ) -> list[tuple[Tensor, int]]:
+    """``(reference anchors, stride)`` per level: with ``levels`` (NECK=fpn's strides) each level's anchors as the
+    model makes them (:func:`level_anchors`), else the C4 reference anchors (base 16) at ``stride``."""
+    if levels:
+        return [(level_anchors(s, scales, ratios), s) for s in levels]
+    return [(generate_anchors(16, ratios, scales), stride)]
 
 
 # ------------------------------------------------------------------------ choosing the scales: candidates, criterion
@@ -290,7 +321,9 @@ def fit_criterion(fit: AnchorFit) -> tuple:
 def suggest_scales(samples: Sequence[Sample], cfg: Config, target_size: int | None = None,
                    criterion: Callable[[AnchorFit], tuple] | None = None) -> list[AnchorFit]:
     """The fits of the candidates (:func:`candidate_scales`), best first by ``criterion`` (default
-    :func:`fit_criterion`); the first is what ``ANCHOR_SCALES: auto`` chooses."""
+    :func:`fit_criterion`); the first is what ``ANCHOR_SCALES: auto`` chooses. C4 anchors only (NECK=none)."""
+    if cfg.NECK != "none":
+        raise ConfigError(f"the ANCHOR_SCALES suggestion (and auto) choose C4 anchors (NECK=none), not NECK={cfg.NECK}")
     target_size = cfg.TRAIN.SCALES[0] if target_size is None else target_size
     groups = resized_groups(samples, target_size, cfg.TRAIN.MAX_SIZE)
     fits = [anchor_fit(samples, cfg, scales, target_size, groups) for scales in dict.fromkeys(candidate_scales(cfg))]
@@ -369,11 +402,11 @@ def write_histograms(fit: AnchorFit, path) -> None:
     image = Image.new("RGB", (1000, 380), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     draw.text((20, 8), f"{fit.count} boxes at scale {fit.target_size} (max {fit.max_size}); red: anchors "
-                       f"{', '.join(f'{16 * s:g}' for s in fit.scales)} px, ratios "
+                       f"{', '.join(f'{s:g}' for s in fit.anchor_sizes())} px, ratios "
                        f"{', '.join(f'{r:g}' for r in fit.ratios)}", fill=(0, 0, 0), font=font)
     sizes = torch.log2(fit.sizes.clamp(min=1))
     _panel(draw, (40, 60, 500, 330), _histogram(sizes, 2, 11, 36), 2, 11,
-           [math.log2(16 * s) for s in fit.scales], "box size sqrt(w*h), network-input pixels", "{:g}", font)
+           [math.log2(s) for s in fit.anchor_sizes()], "box size sqrt(w*h), network-input pixels", "{:g}", font)
     aspects = torch.log2(fit.aspects.clamp(min=1e-3))
     _panel(draw, (560, 60, 980, 330), _histogram(aspects, -4, 4, 32), -4, 4,
            [math.log2(r) for r in fit.ratios], "aspect ratio h/w", "{:g}", font)
@@ -391,15 +424,18 @@ def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str]
                criterion: Callable[[AnchorFit], tuple] | None = None) -> list[str]:
     """Lines for the terminal: the config's anchors (overall and per class), what ``ANCHOR_SCALES=auto`` chooses
     (``fits[0]``, :func:`describe_auto`) and, unless the config's are as good, the suggestion. ``auto``: the
-    config says ``auto`` (``current`` is then ``fits[0]``)."""
+    config says ``auto`` (``current`` is then ``fits[0]``). No ``fits`` (NECK=fpn: the suggestion is C4's): one line
+    says so instead."""
     n = current.count
+    where = (f"FPN levels at strides {_nums(current.levels)}" if current.levels else f"stride {current.stride}")
     lines = [f"anchor fit: {n} boxes (not difficult, after repairs) at scale {current.target_size} "
-             f"(max {current.max_size}), stride {current.stride}, anchors inside the image only"]
+             f"(max {current.max_size}), {where}, anchors inside the image only"]
     if not n:
         return lines
     configured = "auto -> " if auto else ""
-    lines.append(f"  ANCHOR_SCALES {configured}[{_nums(current.scales)}] x ANCHOR_RATIOS [{_nums(current.ratios)}]: "
-                 f"anchors of {_nums(current.scales, 16)} px")
+    per_level = " x each level's stride" if current.levels else ""
+    lines.append(f"  ANCHOR_SCALES {configured}[{_nums(current.scales)}]{per_level} x ANCHOR_RATIOS "
+                 f"[{_nums(current.ratios)}]: anchors of {_nums(current.anchor_sizes())} px")
     lines.append(f"  best IoU with an anchor: median {float(current.best_iou.median()):.3f}; "
                  f"no anchor >= {current.positive:g}: {_pct(current.below(current.positive), n)}; "
                  f"none >= {current.negative:g}: {_pct(current.below(current.negative), n)}; "
@@ -416,9 +452,14 @@ def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str]
     lines += ["    " + line for line in table_lines(rows)]
     if untrained := current.untrained_anchors():
         shapes = ", ".join(f"{w}x{h}" for w, h in untrained)
-        lines.append(f"  warning: {len(untrained)} of the {len(current.scales) * len(current.ratios)} anchor shapes "
+        shapes_total = len(current.anchor_levels()) * len(current.scales) * len(current.ratios)
+        lines.append(f"  warning: {len(untrained)} of the {shapes_total} anchor shapes "
                      f"({shapes} px) lie inside no training image at this scale: the RPN never learns them, yet they "
                      f"propose at test time")
+    if not fits:
+        lines.append("  no ANCHOR_SCALES suggestion: auto and the suggestion choose C4 anchors (NECK=none), "
+                     "not the pyramid's")
+        return lines
     best = fits[0]
     lines.append(f"  {describe_auto(best)}")
     if auto:

@@ -215,15 +215,29 @@ def read_config(path: str | Path) -> Config:
     return cfg
 
 
+NECK_NAMES = {"none": "one C4 feature map", "fpn": "a feature pyramid"}
+
+
+def weights_neck(weights: dict[str, torch.Tensor]) -> str:
+    """``fpn`` when the state dict holds a feature pyramid's layers (``head.fpn.*``, :mod:`frcnn.model.fpn`), else
+    ``none``."""
+    return "fpn" if any(k.startswith("head.fpn.") for k in weights) else "none"
+
+
 def weights_problem(weights: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
     """What keeps ``weights`` from loading into a model whose ``state_dict()`` is ``expected`` (tensors or meta
-    tensors), in short: missing and unexpected keys, the first tensor of another shape (both shapes) or
-    kind, the first tensor holding NaN or infinity; ``None`` when they fit."""
+    tensors), in short: another NECK (C4 weights for an FPN model or the reverse), missing and unexpected keys, the
+    first tensor of another shape (both shapes) or kind, the first tensor holding NaN or infinity; ``None`` when
+    they fit."""
     def first(keys: list[str], what: str) -> str:
         return f"{what} {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
 
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
+    file_neck, model_neck = weights_neck(weights), weights_neck(expected)
+    if file_neck != model_neck:
+        return (f"the weights are a NECK={file_neck} model's ({NECK_NAMES[file_neck]}), the model is NECK={model_neck} "
+                f"({NECK_NAMES[model_neck]}): a checkpoint keeps the NECK it was trained with")
     if missing or unexpected:
         keys = [first(missing, "missing")] if missing else []
         keys += [first(unexpected, "unexpected")] if unexpected else []
@@ -343,8 +357,8 @@ def read_checkpoint(folder: str | Path) -> Checkpoint:
     weights = _read_safetensors(folder / WEIGHTS, "weights")
     problem = weights_problem(weights, _model_state(cfg, len(classes), folder / CONFIG))
     if problem is not None:
-        raise CheckpointError(f"{folder / WEIGHTS}: does not fit {CONFIG} (BACKBONE {cfg.BACKBONE}) and {META} "
-                              f"({len(classes)} classes): {problem}")
+        raise CheckpointError(f"{folder / WEIGHTS}: does not fit {CONFIG} (BACKBONE {cfg.BACKBONE}, NECK {cfg.NECK}) "
+                              f"and {META} ({len(classes)} classes): {problem}")
     return Checkpoint(folder, cfg, classes, meta["iteration"], weights, meta)
 
 
@@ -362,7 +376,7 @@ def load_model(folder: str | Path, device: str | torch.device | None = None,
     # the weights come from the checkpoint, never from the backbone file named at training time
     model = FasterRCNN(cfg, len(ckpt.class_names), load_pretrained=False)
     load_weights(model, ckpt.weights, ckpt.folder / WEIGHTS,
-                 f"{CONFIG} with these settings (BACKBONE {cfg.BACKBONE})")
+                 f"{CONFIG} with these settings (BACKBONE {cfg.BACKBONE}, NECK {cfg.NECK})")
     ckpt.cfg = cfg
     return model.to(device).eval(), ckpt
 

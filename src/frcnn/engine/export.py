@@ -33,6 +33,10 @@ sizes as tensors (``torch.as_tensor`` of a size would specialise it), torchvisio
 ``frcnn::class_nms``, exported as one ONNX node). ``tests/test_export.py`` holds both paths to the same
 detections in every pooling mode.
 
+**Not exported (yet): ``NECK=fpn``.** The graph above is written for one C4 feature map; a pyramid needs anchors
+on every level, the top-k and NMS per level and each RoI pooled from its level. :func:`export_model` refuses such a
+model in one line (:func:`refuse_pyramid`) before any exporting; ``--engine torch`` runs it.
+
 **Metadata** (``metadata_props``): ``frcnn.format`` (``frcnn-onnx``), ``frcnn.onnx_format`` (the graph's
 interface version, :data:`ONNX_FORMAT`), ``frcnn.version``, ``frcnn.classes`` (JSON list) and ``frcnn.config``
 (the full resolved YAML): the engine needs nothing but the ``.onnx`` file.
@@ -202,6 +206,13 @@ class DetectorGraph(nn.Module):
         return boxes[roi, label], probs[roi, label], label
 
 
+def refuse_pyramid(cfg: Config, what: str = "frcnn export") -> None:
+    """One ConfigError line for a ``NECK=fpn`` config: the exported graph has one C4 map (module docstring)."""
+    if cfg.NECK != "none":
+        raise ConfigError(f"{what} does not support NECK={cfg.NECK} yet (the ONNX graph is written for one C4 "
+                          "feature map); run this model with --engine torch")
+
+
 def metadata(cfg: Config, class_names: Sequence[str]) -> dict[str, str]:
     return {FORMAT_KEY: FORMAT_VALUE, "frcnn.onnx_format": str(ONNX_FORMAT), "frcnn.version": __version__,
             "frcnn.classes": json.dumps(list(class_names)), "frcnn.config": dump_yaml(cfg)}
@@ -216,6 +227,7 @@ def export_model(model: FasterRCNN, cfg: Config, class_names: Sequence[str], out
     import copy
 
     out = Path(out)
+    refuse_pyramid(model.cfg)
     if out.exists():
         raise ConfigError(f"{out} exists; export never overwrites: choose another --out")
     onnx = require("onnx", "frcnn export")

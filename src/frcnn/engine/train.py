@@ -331,7 +331,7 @@ def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | N
     if snapshot is not None:
         state = dist.on_main(world, lambda: _read_resume(snapshot, classes, world, cfg), "reading the snapshot")
         load_weights(model, state["weights"], snapshot / WEIGHTS,
-                     f"the model this run trains (BACKBONE {cfg.BACKBONE}, {len(classes)} classes)")
+                     f"the model this run trains (BACKBONE {cfg.BACKBONE}, NECK {cfg.NECK}, {len(classes)} classes)")
         start = state["iteration"]
         precision.load_state_dict(state["grad_scaler"])
         if main:
