@@ -98,7 +98,7 @@ def proposal_layer(
     order, level = torch.cat(orders, 1), torch.cat(levels)
     top_scores = fg_scores.gather(1, order)
     top_boxes = boxes.gather(1, order.unsqueeze(-1).expand(*order.shape, 4))
-    rois, scores = [], []
+    rois, scores, kept_levels = [], [], []
     thresh = nms_threshold(nms_thresh, top_boxes.dtype)
     post = post_nms_top_n if post_nms_top_n > 0 else None
     for i in range(n):
@@ -110,9 +110,10 @@ def proposal_layer(
         kept = top_boxes[i, keep]
         rois.append(torch.cat((kept.new_full((kept.shape[0], 1), i), kept), dim=1))
         scores.append(top_scores[i, keep])
+        kept_levels.append(level[keep])
     out_rois, out_scores = torch.cat(rois), torch.cat(scores)
     if trace is not None:
         trace.put("proposal_layer", pre_nms_boxes=top_boxes, pre_nms_scores=top_scores, rois=out_rois,
                   scores=out_scores, pre_nms_top_n=pre_nms_top_n, post_nms_top_n=post_nms_top_n,
-                  nms_thresh=nms_thresh, levels=level)
+                  nms_thresh=nms_thresh, levels=level, roi_levels=torch.cat(kept_levels))
     return out_rois, out_scores

@@ -4,11 +4,15 @@ Pass a :class:`Trace` to :meth:`frcnn.model.detector.FasterRCNN.forward` and eac
 result under its own name; pass nothing and no layer does any extra work (each record is behind an
 ``if trace is not None``). Tensors are stored detached. Stage names and what they hold:
 
-``head``               features (N, C, H/16, W/16)
-``anchors``            anchors (M, 4) in network-input pixels, feat_size (H, W), num_base_anchors A
+``head``               features (N, C, H/16, W/16) (FPN: the finest level's), levels (every map, finest first;
+                       C4: one) and their strides
+``anchors``            anchors (M, 4) in network-input pixels (FPN: every level's, level by level), feat_size (H, W)
+                       and stride of the first map, num_base_anchors A, level_sizes (anchors per level),
+                       feat_sizes (per level)
 ``rpn``                fg_scores (N, M) softmax objectness, deltas (N, M, 4)
-``proposal_layer``     per image: pre_nms_boxes / pre_nms_scores (top RPN_PRE_NMS_TOP_N), and the kept
-                       rois (R, 5) ``[batch_index, x1, y1, x2, y2]`` with scores (R,)
+``proposal_layer``     per image: pre_nms_boxes / pre_nms_scores (top RPN_PRE_NMS_TOP_N, per level for FPN) and
+                       their levels, and the kept rois (R, 5) ``[batch_index, x1, y1, x2, y2]`` with scores (R,)
+                       and roi_levels (R,) (the level each came from; 0 for C4)
 ``anchor_target``      labels (N, M) 1 fg / 0 bg / -1 don't care after sampling, type_a / type_b (N, M)
                        masks before sampling, inside (N, M) mask, max_overlaps (N, M), fg_candidates /
                        bg_candidates (N, M) the fg / bg labels before sampling

@@ -155,22 +155,9 @@ def _pyramid_rpn_stage(run: ExplainRun, levels: list[Level]) -> Stage:
 
 
 def kept_levels(run: ExplainRun) -> Tensor:
-    """The level index of each proposal image 0 kept after NMS, in the order of the proposal layer's rois.
-
-    The trace gives the level of each candidate before NMS; a kept proposal is one of those candidates (the
-    same box and score), each candidate kept at most once."""
+    """The level index of each proposal image 0 kept after NMS, in the order of the proposal layer's rois."""
     rec = run.trace["proposal_layer"]
-    pre, pre_scores, level = rec["pre_nms_boxes"][0].cpu(), rec["pre_nms_scores"][0].cpu(), rec["levels"].cpu()
-    rois, scores = rec["rois"].cpu(), rec["scores"].cpu()
-    mine = rois[:, 0] == 0
-    same = (rois[mine, None, 1:] == pre[None]).all(dim=2) & (scores[mine, None] == pre_scores[None])
-    used = torch.zeros(pre.shape[0], dtype=torch.bool)
-    out = []
-    for row in same:
-        j = int((row & ~used).nonzero()[0])  # there is one: the proposal layer gathered it from the candidates
-        used[j] = True
-        out.append(int(level[j]))
-    return torch.tensor(out, dtype=torch.long)
+    return rec["roi_levels"].cpu()[rec["rois"][:, 0].cpu() == 0]
 
 
 def _pyramid_proposals(run: ExplainRun, levels: list[Level], stage: Stage) -> Stage:
