@@ -214,6 +214,37 @@ PRESETS: dict[str, dict[str, Any]] = {
         "TRAIN": {"BATCH_SIZE": 256, "BG_THRESH_LO": 0.0, "DOUBLE_BIAS": False, "STEPSIZE": [30000],
                   "MAX_ITERS": 70000},
     },
+    # ResNet-50 + FPN as torchvision's fasterrcnn_resnet50_fpn (FasterRCNN's defaults) and detectron2's
+    # faster_rcnn_R_50_FPN: PRETRAINED takes an ImageNet ResNet-50 or that model's whole state dict.
+    "voc-r50-fpn": {
+        "BACKBONE": "res50",
+        "NECK": "fpn",
+        "FEAT_STRIDE": 32,  # C5; the pyramid is P2..P5 (+ P6 for the RPN)
+        "ANCHOR_SCALES": [8],  # x each level's stride: 32..512 px, torchvision's ((32,), .., (512,)) sizes
+        "RPN_CHANNELS": 256,  # torchvision's RPNHead(256, 3): its 3x3 conv keeps the FPN's 256 channels
+        "POOLING_MODE": "align",  # MultiScaleRoIAlign / ROIAlign
+        # torchvision's GeneralizedRCNNTransform normalisation (ImageNet mean/std x 255): its weights expect it
+        "PIXEL_MEANS": [123.675, 116.28, 103.53],
+        "PIXEL_STDS": [58.395, 57.12, 57.375],
+        "TRAIN": {
+            "SCALES": [800], "MAX_SIZE": 1333,  # min_size 800, max_size 1333 (both libraries)
+            "RPN_PRE_NMS_TOP_N": 2000,  # per level: rpn_pre_nms_top_n_train
+            "RPN_POST_NMS_TOP_N": 2000,  # per image: rpn_post_nms_top_n_train
+            "BATCH_SIZE": 512, "FG_FRACTION": 0.25,  # box_batch_size_per_image, box_positive_fraction
+            "BG_THRESH_LO": 0.0,  # box_bg_iou_thresh 0.5: every RoI below 0.5 IoU is background
+            # detectron2's PascalVOC-Detection/faster_rcnn_R_50_FPN: 18000 iterations of 16 images at lr 0.02,
+            # x0.1 at 12000 and 16000, 100 warm-up iterations from 1/1000; per image (IMS_PER_BATCH 1, linear
+            # scaling): lr 0.02 / 16, ~9 passes over VOC07+12 trainval with its mirrored copies, steps at 2/3
+            # and 8/9 of them; biases as weights (BIAS_LR_FACTOR 1, weight decay 1e-4 on them too)
+            "LEARNING_RATE": 0.00125, "MAX_EPOCHS": 9, "STEP_EPOCHS": [6, 8],
+            "WARMUP_ITERS": 1600, "WARMUP_FACTOR": 0.001, "DOUBLE_BIAS": False, "BIAS_DECAY": True,
+        },
+        "TEST": {
+            "SCALES": [800], "MAX_SIZE": 1333,
+            "RPN_PRE_NMS_TOP_N": 1000, "RPN_POST_NMS_TOP_N": 1000,  # rpn_{pre,post}_nms_top_n_test
+            "NMS": 0.5, "SCORE_THRESH": 0.05,  # box_nms_thresh, box_score_thresh
+        },
+    },
     # VGG16 (conv5_3 head, fc6/fc7 tail) as in the reference vgg16.yml.
     "voc-vgg16": {
         "BACKBONE": "vgg16",

@@ -47,7 +47,7 @@ from frcnn.config import Config, pyramid_strides
 from frcnn.errors import ConfigError
 from frcnn.model.anchor_target import Generators, anchor_target_layer
 from frcnn.model.anchors import AnchorGenerator, anchor_generators
-from frcnn.model.backbones import build_backbone
+from frcnn.model.backbones import build_backbone, load_detector_heads
 from frcnn.model.losses import fast_rcnn_loss, rpn_loss
 from frcnn.model.nms import batched_nms
 from frcnn.model.pooling import pool_pyramid
@@ -83,6 +83,8 @@ class FasterRCNN(nn.Module):
             anchor_generators(cfg.ANCHOR_SCALES, cfg.ANCHOR_RATIOS, self.strides, pyramid=cfg.NECK == "fpn"))
         self.rpn = RPN(backbone.head_channels, cfg.RPN_CHANNELS, self.anchor_generator.num_anchors)
         self.classifier = ClassificationNetwork(backbone.tail, backbone.tail_channels, num_classes + 1)
+        if backbone.detector_heads is not None:  # PRETRAINED was a whole torchvision Faster R-CNN (R50-FPN)
+            load_detector_heads(self, backbone.detector_heads, cfg.PRETRAINED)
 
     @property
     def anchor_generator(self) -> AnchorGenerator:
