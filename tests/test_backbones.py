@@ -11,7 +11,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from frcnn.config import load_config
 from frcnn.errors import CheckpointError
-from frcnn.model.backbones import build_backbone, load_state_dict_file
+from frcnn.model.backbones import build_backbone
+from frcnn.model.pretrained import load_state_dict_file
 
 
 def _cfg(backbone: str, *overrides: str):

@@ -47,10 +47,11 @@ from frcnn.config import Config, pyramid_strides
 from frcnn.errors import ConfigError
 from frcnn.model.anchor_target import Generators, anchor_target_layer
 from frcnn.model.anchors import AnchorGenerator, anchor_generators
-from frcnn.model.backbones import build_backbone, load_detector_heads
+from frcnn.model.backbones import build_backbone
 from frcnn.model.losses import fast_rcnn_loss, rpn_loss
 from frcnn.model.nms import batched_nms
 from frcnn.model.pooling import pool_pyramid
+from frcnn.model.pretrained import load_detector_heads
 from frcnn.model.proposal_target import proposal_target_layer
 from frcnn.model.roi_heads import ClassificationNetwork
 from frcnn.model.rpn import RPN, proposal_layer
