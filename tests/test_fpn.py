@@ -224,3 +224,14 @@ def test_overrides_are_checked_together_whatever_their_order():
     a = load_config(None, ["FEAT_STRIDE=32", "NECK=fpn"])
     b = load_config(None, ["NECK=fpn", "FEAT_STRIDE=32"])
     assert a == b and a.NECK == "fpn"
+
+
+def test_scratch_cpu_fpn_is_scratch_cpu_with_the_tiny_pyramid():
+    from dataclasses import replace
+
+    c4, fpn = load_config("scratch-cpu"), load_config("scratch-cpu-fpn")
+    assert pyramid_strides(fpn) == (4, 8, 16, 32)
+    pyramid = (fpn.NECK, fpn.FEAT_STRIDE, fpn.ANCHOR_SCALES, fpn.FPN_CHANNELS, fpn.RPN_CHANNELS)
+    assert pyramid == ("fpn", 16, (8.0,), 64, 64)
+    same = replace(fpn, NECK="none", FEAT_STRIDE=8, ANCHOR_SCALES="auto", FPN_CHANNELS=256, RPN_CHANNELS=128)
+    assert same == c4  # nothing else differs: the same recipe and budget
