@@ -171,3 +171,37 @@ def test_on_cuda_quick_keeps_the_checkpoints_precision_and_a_float_tail(tmp_path
     assert quick.cfg.TEST.AMP == "none" and quick.cfg.TEST.RPN_POST_NMS_TOP_N == 300
     assert not any(isinstance(m, Float32) for m in quick.model.modules())
     quick.predict([picture()])
+
+
+def test_eval_and_detect_set_changes_test_keys_for_the_run_only(tmp_path, capsys):
+    """``--set TEST.*`` reaches the model of eval and detect (with and without --quick), in memory only; other
+    keys and the onnxruntime engine are one line."""
+    folder = _ckpt_300(tmp_path / "ckpt")
+    voc = tmp_path / "voc"
+    voc_folder(voc)
+    before = _files(folder)
+    image = str(voc / "JPEGImages" / "known.png")
+    assert main(["detect", "--checkpoint", str(folder), "--out", str(tmp_path / "all"), image, "--device", "cpu",
+                 "--threshold", "0"]) == 0
+    capsys.readouterr()
+    n_all = len(json.loads((tmp_path / "all" / "known.json").read_text())["detections"])
+    assert n_all > 1  # an untrained model: many low-scored boxes
+    for quick in ([], ["--quick"]):
+        out_dir = tmp_path / f"one{len(quick)}"
+        assert main(["detect", "--checkpoint", str(folder), "--out", str(out_dir), image, "--device", "cpu",
+                     "--threshold", "0", "--set", "TEST.MAX_PER_IMAGE=1", *quick]) == 0
+        err = capsys.readouterr().err
+        assert len(json.loads((out_dir / "known.json").read_text())["detections"]) == 1
+        assert "--set: TEST.MAX_PER_IMAGE: 100 -> 1 (this run only" in err
+    assert main(["eval", "--checkpoint", str(folder), "--data", str(voc), "--split", "test", "--json",
+                 "--no-progress", "--device", "cpu", "--set", "TEST.NMS=0.5", "--set", "TEST.SCORE_THRESH=0.01"]) == 0
+    err = capsys.readouterr().err
+    assert "TEST.NMS: 0.3 -> 0.5" in err and "TEST.SCORE_THRESH: 0.0 -> 0.01" in err
+    for bad, says in ((["--set", "BACKBONE=res50"], "--set BACKBONE: detect changes only TEST.* keys"),
+                      (["--set", "TEST.NMS=abc"], "TEST.NMS"),
+                      (["--set", "TEST.NMS=0.5", "--engine", "onnxruntime"], "its TEST settings in its graph")):
+        assert main(["detect", "--checkpoint", str(folder), "--out", str(tmp_path / "bad"), image,
+                     "--device", "cpu", *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert says in err and len(err.splitlines()) == 1
+    assert _files(folder) == before

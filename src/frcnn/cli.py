@@ -61,21 +61,48 @@ def _add_engine_arg(p: argparse.ArgumentParser, what: str) -> None:
                         f"export, {what} (needs the onnx extra: pip install 'frcnn[onnx]'; CPU only)")
 
 
+def _add_test_set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="test_sets", action="append", default=[], metavar="TEST.KEY=VALUE",
+                   help="a test-time setting for this run, on top of the checkpoint's config (repeatable; only "
+                        "TEST.* keys, e.g. TEST.NMS=0.5, TEST.RPN_POST_NMS_TOP_N=300; the folder is not written)")
+
+
+def _test_overrides(args: argparse.Namespace) -> dict | None:
+    """``--set`` of eval/detect as a config overrides dict; anything but ``TEST.*`` is one line."""
+    from frcnn.config import deep_update, parse_override
+    from frcnn.errors import ConfigError
+
+    combined: dict = {}
+    for text in args.test_sets:
+        change = parse_override(text)
+        if set(change) != {"TEST"} or not isinstance(change["TEST"], dict):
+            raise ConfigError(f"--set {text.split('=', 1)[0]}: {args.command} changes only TEST.* keys (test-time "
+                              "settings); the network and its training settings are the checkpoint's")
+        deep_update(combined, change)
+    return combined or None
+
+
 def _predictor(args: argparse.Namespace, device):
     """The engine ``--engine`` names, on ``--checkpoint``: a Predictor or an OnnxPredictor (same interface)."""
+    overrides = _test_overrides(args)
     if args.engine == "onnxruntime":
         from frcnn.engine.onnx_engine import OnnxPredictor
+        from frcnn.errors import ConfigError
 
         if args.quick:
             raise _quick_onnx_error()
+        if overrides:
+            raise ConfigError("--set: an exported model has its TEST settings in its graph; use --engine torch "
+                              "(or export again from a checkpoint with them)")
         return OnnxPredictor.open(args.checkpoint, args.device)
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731
     if args.quick:
         from frcnn.engine.fast_mode import quick_predictor
 
-        return quick_predictor(args.checkpoint, device, fast=args.fast, say=lambda line: print(line, file=sys.stderr))
+        return quick_predictor(args.checkpoint, device, fast=args.fast, say=say, overrides=overrides)
     from frcnn.engine.inference import Predictor
 
-    return Predictor.from_checkpoint(args.checkpoint, device, fast=args.fast)
+    return Predictor.from_checkpoint(args.checkpoint, device, fast=args.fast, overrides=overrides, say=say)
 
 
 def _quick_onnx_error() -> FrcnnError:
@@ -159,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device_arg(p)
     _add_fast_arg(p)
+    _add_test_set_arg(p)
     _add_engine_arg(p, "--checkpoint names the .onnx file or a folder holding model.onnx")
     p.set_defaults(func=cmd_eval)
 
@@ -171,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5, help="minimum score to report (default 0.5)")
     _add_device_arg(p)
     _add_fast_arg(p)
+    _add_test_set_arg(p)
     _add_engine_arg(p, "--checkpoint names the .onnx file or a folder holding model.onnx")
     p.set_defaults(func=cmd_detect)
 

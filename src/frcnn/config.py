@@ -466,14 +466,15 @@ def load_config(preset_or_yaml: str | None = None, overrides: typing.Iterable[st
     # the overrides are checked together, as one change: NECK=fpn FEAT_STRIDE=32 is valid in either order
     combined: dict[str, Any] = {}
     for text in overrides:
-        _deep_update(combined, parse_override(text))
+        deep_update(combined, parse_override(text))
     return merge(cfg, combined) if combined else cfg
 
 
-def _deep_update(into: dict[str, Any], update: dict[str, Any]) -> None:
+def deep_update(into: dict[str, Any], update: dict[str, Any]) -> None:
+    """Merge the nested overrides ``update`` into ``into`` (in place; later values win)."""
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _deep_update(into[key], value)
+            deep_update(into[key], value)
         else:
             into[key] = value
 
@@ -530,5 +531,5 @@ def resolve_device(cfg: Config):
 __all__ = [
     "Config", "TrainConfig", "TestConfig", "ResnetConfig", "PRESETS", "load_config", "merge",
     "parse_override", "config_to_dict", "config_from_dict", "config_changes", "dump_yaml", "choose_device",
-    "resolve_device", "pyramid_strides",
+    "resolve_device", "pyramid_strides", "deep_update",
 ]

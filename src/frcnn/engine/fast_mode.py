@@ -124,23 +124,32 @@ def quantize_tail(model: nn.Module) -> bool:
 
 
 def quick_predictor(folder: str | Path, device: str | torch.device | None, fast: bool = True,
-                    say: Callable[[str], None] | None = None):
+                    say: Callable[[str], None] | None = None, overrides: dict | None = None):
     """A :class:`~frcnn.engine.inference.Predictor` of the checkpoint ``folder`` with :func:`quick_overrides`
     applied in memory (the folder is only read); ``fast``: the fast inference path; ``say`` gets the line of
-    :func:`describe`."""
+    :func:`describe`. ``overrides``: the user's ``--set TEST.*`` (they win over quick mode's), said in one more line."""
+    from frcnn.config import config_changes, deep_update
     from frcnn.engine.checkpoint import CONFIG, choose_device, load_model, read_config
     from frcnn.engine.inference import Predictor
 
     device = choose_device(device)
     path = Path(folder) / CONFIG
     base = read_config(path) if path.is_file() else None  # no config.yaml: load_model says what is wrong
-    overrides = quick_overrides(base, device) if base is not None else None
-    model, ckpt = load_model(folder, device, overrides=overrides)
+    quick = quick_overrides(base, device) if base is not None else None
+    given = (overrides or {}).get("TEST", {})
+    if quick is not None:
+        quick = {"TEST": {k: v for k, v in quick["TEST"].items() if k not in given}}
+    combined = {"TEST": dict((quick or {"TEST": {}})["TEST"])}
+    deep_update(combined, overrides or {})
+    model, ckpt = load_model(folder, device, overrides=combined)
     if fast:
         from frcnn.engine.fast import prepare_for_inference
 
         model = prepare_for_inference(model, inplace=True)
     int8 = quantize_tail(model)
-    if say is not None and base is not None and overrides is not None:
-        say(describe(base, overrides, device, int8))
+    if say is not None and base is not None and quick is not None:
+        say(describe(base, quick, device, int8))
+        if overrides:
+            changes = [c for c in config_changes(base, ckpt.cfg) if c.split(":")[0].split(".")[-1] in given]
+            say(f"--set: {'; '.join(changes) or 'no change'} (this run only; the checkpoint is not changed)")
     return Predictor(model, ckpt.cfg, ckpt.class_names)

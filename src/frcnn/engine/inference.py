@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -10,7 +10,7 @@ from PIL import Image
 
 from frcnn.boxes import clip_boxes, scale_boxes
 from frcnn.config import Config
-from frcnn.engine.checkpoint import load_model
+from frcnn.engine.checkpoint import CONFIG, load_model, read_config
 from frcnn.engine.precision import Precision
 from frcnn.model.detector import Detections, FasterRCNN
 from frcnn.model.trace import Trace
@@ -26,12 +26,20 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, folder: str | Path, device: str | torch.device | None = None,
-                        fast: bool = True) -> Predictor:
+                        fast: bool = True, overrides: dict | None = None,
+                        say: Callable[[str], None] | None = None) -> Predictor:
         """The checkpoint folder's detector on ``device``: ``None`` or ``"auto"`` is CUDA when this machine has
         it, else the CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given. The checkpoint's ``DEVICE`` (where it
         was trained) is not used, so a model trained on CUDA runs on a CPU-only machine. ``fast``: the fast
-        inference path (:mod:`frcnn.engine.fast`; same detections up to float rounding)."""
-        model, ckpt = load_model(folder, device)
+        inference path (:mod:`frcnn.engine.fast`; same detections up to float rounding). ``overrides``: config
+        changes for this run only (the ``TEST.*`` keys ``eval --set`` gives; the folder is not written), said in
+        one line to ``say``."""
+        model, ckpt = load_model(folder, device, overrides=overrides)
+        if overrides and say is not None:
+            from frcnn.config import config_changes
+
+            changes = config_changes(read_config(Path(folder) / CONFIG), ckpt.cfg)
+            say(f"--set: {'; '.join(changes) or 'no change'} (this run only; the checkpoint is not changed)")
         if fast:
             from frcnn.engine.fast import prepare_for_inference
 
