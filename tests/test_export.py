@@ -1,6 +1,7 @@
 """``frcnn export`` and the onnxruntime engine: one exported file (dynamic image size) gives PyTorch's detections
 at two image sizes (same count, labels equal, boxes within 0.01 px, scores within 1e-4) on the demo-cpu model,
-in every pooling mode, and on a small R50-C4 input; the CLI's --engine flag; one-line errors for bad input."""
+in every pooling mode, on its NECK=fpn variant (every pyramid level used, and levels left empty) in every pooling
+mode, and on a small R50-C4 input; the CLI's --engine flag; one-line errors for bad input."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from frcnn.engine.fast import prepare_for_inference
 from frcnn.engine.inference import Predictor
 from frcnn.engine.onnx_engine import OnnxPredictor
 from frcnn.model.detector import Detections, FasterRCNN
+from frcnn.model.pooling import roi_levels
+from frcnn.model.trace import Trace
 
 # two pictures of different sizes: through TEST.SCALES they become network inputs of two different sizes
 SIZES = [(150, 200), (260, 210)]  # (h, w)
@@ -41,10 +44,11 @@ def _picture(h: int, w: int, seed: int) -> Image.Image:
 PICTURES = [_picture(h, w, i) for i, (h, w) in enumerate(SIZES)]
 
 
-def _calibrate(layer: torch.nn.Module, inputs: torch.Tensor, std: float, g: torch.Generator) -> None:
-    """Random weights for ``layer`` (a Linear or a 1x1 Conv2d) whose outputs on ``inputs`` spread by about
-    ``std`` around zero, whatever the scale of the inputs (random backbones differ by 1e5 in scale)."""
-    x = inputs.permute(0, 2, 3, 1).reshape(-1, inputs.shape[1]) if inputs.dim() == 4 else inputs
+def _calibrate(layer: torch.nn.Module, inputs: list[torch.Tensor], std: float, g: torch.Generator) -> None:
+    """Random weights for ``layer`` (a Linear or a 1x1 Conv2d) whose outputs on ``inputs`` (what it saw: one
+    tensor, or one per pyramid level) spread by about ``std`` around zero, whatever the scale of the inputs
+    (random backbones differ by 1e5 in scale)."""
+    x = torch.cat([t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]) if t.dim() == 4 else t for t in inputs])
     centre, spread = x.mean(0), (x - x.mean(0)).std().clamp(min=1e-12)
     weight = torch.randn(layer.weight.shape[0], x.shape[1], generator=g) * std / (spread * x.shape[1] ** 0.5)
     layer.weight.copy_(weight.view(layer.weight.shape))
@@ -67,7 +71,8 @@ def _deterministic(model: FasterRCNN, seed: int = 0, cls_std: float = 3.0, box_s
         hook = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
         Predictor(model, model.cfg, CLASSES).predict([picture])
         hook.remove()
-        _calibrate(layer, seen.pop(), std, g)
+        _calibrate(layer, seen, std, g)
+        seen.clear()
         if layer is rpn.rpn_cls_score_net:
             rpn.rpn_bbox_pred_net.weight.zero_()
             rpn.rpn_bbox_pred_net.bias.zero_()
@@ -102,7 +107,8 @@ def _parity(torch_predictor, onnx_predictor, pictures=PICTURES, confident: int =
         ours, theirs = torch_predictor.predict([picture])[0], onnx_predictor.predict([picture])[0]
         box_diff, score_diff = assert_same_detections(ours, theirs)
         counts.append(int((ours.scores > 0.5).sum()))
-        print(f"parity {onnx_predictor.cfg.BACKBONE} {onnx_predictor.cfg.POOLING_MODE} {picture.size}: "
+        print(f"parity {onnx_predictor.cfg.BACKBONE} NECK={onnx_predictor.cfg.NECK} {onnx_predictor.cfg.POOLING_MODE} "
+              f"{picture.size}: "
               f"{len(ours.scores)} detections ({counts[-1]} above 0.5), boxes within {box_diff:.2e} px, "
               f"scores within {score_diff:.2e}")  # pytest -s shows the figures
     assert max(counts) >= confident, counts  # a few confident detections, not only near-zero scores
@@ -203,6 +209,66 @@ def test_r50_c4_small_input_parity(tmp_path):
     path = export_model(model, cfg, CLASSES, tmp_path / "r50.onnx", example_size=(160, 224))
     pictures = [_picture(160, 224, 0), _picture(200, 150, 1)]  # network inputs 160x224 and 213x160
     _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), OnnxPredictor(path), pictures)
+
+
+# ------------------------------------------------------------------------------------------- the pyramid
+
+FPN = ["NECK=fpn", "FEAT_STRIDE=16", "ANCHOR_SCALES=[8]", "FPN_CHANNELS=32"]  # the tiny backbone's P2..P5
+LEVELS, POOLED = 4, 3  # the RPN reads P2..P5 (strides 4..32), RoIs are pooled from P2..P4
+
+
+def _fpn_model(mode: str, *sets: str) -> tuple[FasterRCNN, object]:
+    cfg = load_config("demo-cpu", [*FPN, "DEVICE=cpu", f"POOLING_MODE={mode}", *sets])
+    torch.manual_seed(0)
+    return _deterministic(FasterRCNN(cfg, len(CLASSES), load_pretrained=False)), cfg
+
+
+def _pyramid_use(model: FasterRCNN, cfg, picture) -> tuple[list[int], list[int], int]:
+    """What PyTorch's own run of ``picture`` did on the pyramid (its trace): the proposals kept from each RPN level,
+    the RoIs pooled from each pooled level (the model's roi_levels) and the boxes that went into the RPN's NMS."""
+    trace = Trace()
+    Predictor(model, cfg, CLASSES).predict([picture], trace=trace)
+    proposals = torch.bincount(trace["proposal_layer"]["roi_levels"], minlength=LEVELS).tolist()
+    pooled = torch.bincount(roi_levels(trace["roi_pooling"]["rois"], 2, 4) - 2, minlength=POOLED).tolist()
+    return proposals, pooled, trace["proposal_layer"]["pre_nms_boxes"].shape[1]
+
+
+def _pyramid_ops(path: Path, mode: str) -> list[str]:
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("NonMaxSuppression") == LEVELS + 1  # NMS within each level, and the per-class NMS
+    pooling = {"align": "RoiAlign", "pool": "MaxRoiPool", "crop": "GridSample"}[mode]
+    assert ops.count(pooling) == POOLED  # each pooled level's RoIs from its own map
+    return ops
+
+
+@pytest.mark.parametrize("mode", ["align", pytest.param("crop", marks=pytest.mark.slow),
+                                  pytest.param("pool", marks=pytest.mark.slow)])
+def test_fpn_onnxruntime_equals_pytorch_at_two_sizes_through_one_file(mode, tmp_path):
+    """NECK=fpn with the top 60 of each level: every RPN level keeps proposals, the best 100 over all levels are
+    fewer than NMS left, and every pooled level gets RoIs (PyTorch's trace says so), at two sizes."""
+    model, cfg = _fpn_model(mode, "TEST.RPN_PRE_NMS_TOP_N=60", "TEST.RPN_POST_NMS_TOP_N=100")
+    for picture in PICTURES:
+        proposals, pooled, boxes = _pyramid_use(model, cfg, picture)
+        assert min(proposals) > 0 and min(pooled) > 0 and sum(proposals) == 100, (proposals, pooled)
+        assert boxes <= 1000  # PyTorch's batched_nms: one NMS of boxes shifted apart per level
+    path = export_model(model, cfg, CLASSES, tmp_path / "fpn.onnx")
+    _pyramid_ops(path, mode)
+    onnx_predictor = OnnxPredictor(path)
+    assert len({tuple(onnx_predictor.prepare(p).size) for p in PICTURES}) == 2  # two network-input sizes, one file
+    _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), onnx_predictor)
+    _parity(Predictor(model, cfg, CLASSES), onnx_predictor)
+
+
+def test_fpn_export_with_empty_pooled_levels_and_thousands_of_proposals(tmp_path):
+    """The top 1000 of each level (the preset's): thousands of boxes go into the RPN's NMS (PyTorch's batched_nms
+    then runs one NMS per level), the best 60 all come from one level and two pooled levels get no RoI."""
+    model, cfg = _fpn_model("align", "TEST.RPN_POST_NMS_TOP_N=60")
+    for picture in PICTURES:
+        proposals, pooled, boxes = _pyramid_use(model, cfg, picture)
+        assert boxes > 1000 and pooled.count(0) == 2, (proposals, pooled, boxes)
+    path = export_model(model, cfg, CLASSES, tmp_path / "fpn.onnx")
+    _pyramid_ops(path, "align")
+    _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), OnnxPredictor(path))
 
 
 # ----------------------------------------------------------------------------------------------- the CLI

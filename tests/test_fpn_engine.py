@@ -1,8 +1,9 @@
 """The tool around an FPN model (NECK=fpn, GitHub issue 12): train, resume, eval, detect and the fast path; checkpoints
-of the other NECK refused in one line; export refused in one line; benchmark; the anchor fit of the pyramid's anchors.
+of the other NECK refused in one line; export and onnxruntime; benchmark; the anchor fit of the pyramid's anchors.
 
 Known answers come from outside the code under test: an uninterrupted run (resume), the model as trained (fast path),
-shapes the pyramid's strides dictate (benchmark), every anchor of every level searched with box_iou (anchor fit)."""
+shapes the pyramid's strides dictate (benchmark), every anchor of every level searched with box_iou (anchor fit),
+--engine torch's detections and mAP (export)."""
 
 from __future__ import annotations
 
@@ -184,16 +185,42 @@ def test_benchmark_of_a_c4_checkpoint_with_neck_fpn_is_one_line_not_the_c4_netwo
 # ------------------------------------------------------------------------------------------------- export
 
 
-def test_export_refuses_an_fpn_checkpoint_in_one_line_and_writes_nothing(fpn_run, tmp_path, capsys):
+def _matched(a: list[dict], b: list[dict]) -> None:
+    """The same detections (each of ``a`` has its own in ``b``: class equal, box within 0.011 px, score within 1e-4)."""
+    assert len(a) == len(b)
+    free = list(b)
+    for x in a:
+        match = next((y for y in free if y["class"] == x["class"] and abs(y["score"] - x["score"]) <= 1e-4 + 1e-5
+                      and max(abs(u - v) for u, v in zip(x["box"], y["box"])) <= 0.011), None)
+        assert match is not None, x
+        free.remove(match)
+
+
+def test_export_of_an_fpn_checkpoint_and_onnxruntime_detect_eval_and_benchmark_it(fpn_run, voc, tmp_path, capsys):
+    """The trained checkpoint (its RPN's box deltas are not zero): exported, run by onnxruntime, the detections and
+    the mAP are PyTorch's; benchmark --engine onnxruntime exports an FPN preset and times it."""
     out = tmp_path / "model.onnx"
-    code = main(["export", "--checkpoint", str(fpn_run), "--out", str(out)])
-    line = _error_line(capsys)
-    assert code == 2 and not out.exists() and not list(tmp_path.iterdir())
-    assert line == ("frcnn export: error: frcnn export does not support NECK=fpn yet (the ONNX graph is written for "
-                    "one C4 feature map); run this model with --engine torch")
-    code = main(["benchmark", "--engine", "onnxruntime", "--config", "demo-cpu", *SETS, "--size", "64x64"])
-    line = _error_line(capsys)
-    assert code == 2 and "--engine onnxruntime (frcnn export) does not support NECK=fpn yet" in line, line
+    assert main(["export", "--checkpoint", str(fpn_run), "--out", str(out)]) == 0
+    images = sorted((voc / "JPEGImages").glob("*.jpg"))[:2]
+    for engine, where in (("torch", fpn_run), ("onnxruntime", out)):
+        assert main(["detect", "--checkpoint", str(where), *map(str, images), "--out", str(tmp_path / engine),
+                     "--engine", engine, "--threshold", "0"]) == 0
+    for image in images:
+        a, b = (json.loads((tmp_path / e / f"{image.stem}.json").read_text())["detections"]
+                for e in ("torch", "onnxruntime"))
+        assert a  # threshold 0: something to compare
+        _matched(a, b)
+    results = {}
+    for engine, where in (("torch", fpn_run), ("onnxruntime", out)):
+        capsys.readouterr()
+        assert main(["eval", "--checkpoint", str(where), "--data", str(voc), "--split", "test", "--json",
+                     "--engine", engine]) == 0
+        results[engine] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["torch"]["map"] == pytest.approx(results["onnxruntime"]["map"], abs=1e-6)
+    assert main(["benchmark", "--engine", "onnxruntime", "--config", "demo-cpu", *SETS, "--size", "64x96", "--runs",
+                 "1", "--warmup", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip())
+    assert result["engine"] == "onnxruntime" and result["size"] == [64, 96] and result["total_ms"] > 0
 
 
 # ---------------------------------------------------------------------------------------------- benchmark

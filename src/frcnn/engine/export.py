@@ -33,9 +33,25 @@ sizes as tensors (``torch.as_tensor`` of a size would specialise it), torchvisio
 ``frcnn::class_nms``, exported as one ONNX node). ``tests/test_export.py`` holds both paths to the same
 detections in every pooling mode.
 
-**Not exported (yet): ``NECK=fpn``.** The graph above is written for one C4 feature map; a pyramid needs anchors
-on every level, the top-k and NMS per level and each RoI pooled from its level. :func:`export_model` refuses such a
-model in one line (:func:`refuse_pyramid`) before any exporting; ``--engine torch`` runs it.
+**The pyramid (``NECK=fpn``).** :class:`PyramidGraph` has the same input, outputs and post-processing, and does
+level by level what the model does on its maps (``P2..``; the last level for the RPN only):
+
+- *anchors*: each level's reference anchors (:func:`frcnn.model.anchors.level_anchors`) shifted over that map's
+  size at its stride, in the graph;
+- *proposal layer* (:func:`frcnn.model.rpn.proposal_layer` with ``level_sizes``): per level, the RPN on the map,
+  decoding and clipping, the top ``TEST.RPN_PRE_NMS_TOP_N`` (``TopK``, ties to the lower anchor index as the
+  stable sort) and NMS within the level (one ``NonMaxSuppression`` per level, on the level's own boxes: what
+  ``batched_nms`` computes, exactly so above 1000 boxes where it runs one NMS per level too, and to float rounding
+  of the shifted boxes below); the kept boxes of all levels concatenated, finest first, and the best
+  ``TEST.RPN_POST_NMS_TOP_N`` by ``TopK`` (equal scores stay in level, then index order: ``batched_nms``'s up to
+  1000 boxes; above, its sort of the kept boxes is not stable);
+- *RoI pooling* (:func:`frcnn.model.pooling.pool_pyramid`): each RoI's level by the model's own
+  :func:`~frcnn.model.pooling.roi_levels` (``Sqrt``, ``Log``, ``Floor``, ``Clip``), the RoIs of each pooled level
+  picked by ``NonZero`` and pooled from that map in ``POOLING_MODE`` (one ``RoiAlign``/``MaxRoiPool``/
+  ``GridSample`` per level; an empty level pools nothing), and the crops put back in RoI order (the inverse of
+  the picks' permutation, an argsort).
+
+``tests/test_export.py`` holds it to PyTorch's detections with every level used and with empty pooled levels.
 
 **Metadata** (``metadata_props``): ``frcnn.format`` (``frcnn-onnx``), ``frcnn.onnx_format`` (the graph's
 interface version, :data:`ONNX_FORMAT`), ``frcnn.version``, ``frcnn.classes`` (JSON list) and ``frcnn.config``
@@ -63,6 +79,7 @@ from frcnn.config import Config, dump_yaml
 from frcnn.errors import CheckpointError, ConfigError
 from frcnn.model.anchors import shift_anchors
 from frcnn.model.detector import FasterRCNN
+from frcnn.model.pooling import roi_levels
 
 ONNX_FORMAT = 1  # the graph's inputs, outputs and metadata; a change makes older files incompatible
 OPSET = 20
@@ -157,31 +174,42 @@ class DetectorGraph(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         cfg, test = self.cfg, self.cfg.TEST
         features = self.head(image)
-        _, _, fh, fw = features.shape
-        anchors = shift_anchors(self.base_anchors, fh, fw, cfg.FEAT_STRIDE)
-        logits, deltas = self.rpn(features)
         height, width = _size(image.shape[2]), _size(image.shape[3])
         # proposal layer (frcnn.model.rpn.proposal_layer) for one image
+        boxes, _, keep = self.rpn_proposals(features, self.base_anchors, cfg.FEAT_STRIDE, height, width)
+        if test.RPN_POST_NMS_TOP_N > 0:
+            keep = keep[: test.RPN_POST_NMS_TOP_N]
+        proposals = boxes[keep]
+        pooled = self.pool(features, proposals, cfg.FEAT_STRIDE)
+        cls_logits, bbox_pred = self.classifier(pooled)
+        return self.detect(proposals, cls_logits, bbox_pred, height, width)
+
+    def rpn_proposals(self, features: Tensor, base_anchors: Tensor, stride: int, height: Tensor, width: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """One map's anchors (``base_anchors`` shifted over its size at ``stride``), the RPN on it, the decoded and
+        clipped boxes of the top ``TEST.RPN_PRE_NMS_TOP_N`` anchors and their scores, best first, and the indices
+        NMS at ``TEST.RPN_NMS_THRESH`` keeps of them (best first)."""
+        test = self.cfg.TEST
+        _, _, fh, fw = features.shape
+        anchors = shift_anchors(base_anchors, fh, fw, stride)
+        logits, deltas = self.rpn(features)
         fg = logits[0].softmax(-1)[:, 1]
         boxes = clip_boxes(bbox_transform_inv(anchors, deltas[0]), height, width)
         k = torch.sym_min(test.RPN_PRE_NMS_TOP_N, fg.shape[0]) if test.RPN_PRE_NMS_TOP_N > 0 else fg.shape[0]
         scores, order = fg.topk(k)  # ONNX TopK: ties keep the lower anchor index first, as rpn.py's stable sort
         boxes = boxes[order]
-        keep = nms(to_exclusive(boxes), scores, nms_threshold(test.RPN_NMS_THRESH, boxes.dtype))
-        if test.RPN_POST_NMS_TOP_N > 0:
-            keep = keep[: test.RPN_POST_NMS_TOP_N]
-        proposals = boxes[keep]
+        return boxes, scores, nms(to_exclusive(boxes), scores, nms_threshold(test.RPN_NMS_THRESH, boxes.dtype))
+
+    def pool(self, features: Tensor, proposals: Tensor, stride: int) -> Tensor:
+        """RoI pooling (:func:`frcnn.model.pooling.pool_rois`) of ``proposals`` (R, 4) from one map at ``stride``,
+        in the config's POOLING_MODE: (R, C, POOLING_SIZE, POOLING_SIZE)."""
+        size, mode = self.cfg.POOLING_SIZE, self.cfg.POOLING_MODE
         rois = torch.cat((torch.zeros_like(proposals[:, :1]), proposals), dim=1)
-        # RoI pooling (frcnn.model.pooling.pool_rois)
-        size, scale = cfg.POOLING_SIZE, 1.0 / cfg.FEAT_STRIDE
-        if cfg.POOLING_MODE == "crop":
-            pooled = crop_pool_one(features, proposals, size, cfg.FEAT_STRIDE)
-        elif cfg.POOLING_MODE == "align":
-            pooled = roi_align(features, rois, (size, size), spatial_scale=scale, sampling_ratio=0)
-        else:
-            pooled = roi_pool(features, rois, (size, size), spatial_scale=scale)
-        cls_logits, bbox_pred = self.classifier(pooled)
-        return self.detect(proposals, cls_logits, bbox_pred, height, width)
+        if mode == "crop":
+            return crop_pool_one(features, proposals, size, stride)
+        if mode == "align":
+            return roi_align(features, rois, (size, size), spatial_scale=1.0 / stride, sampling_ratio=0)
+        return roi_pool(features, rois, (size, size), spatial_scale=1.0 / stride)
 
     def detect(self, proposals: Tensor, cls_logits: Tensor, bbox_pred: Tensor, height: Tensor,
                width: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -206,11 +234,56 @@ class DetectorGraph(nn.Module):
         return boxes[roi, label], probs[roi, label], label
 
 
+class PyramidGraph(DetectorGraph):
+    """:class:`DetectorGraph` of a ``NECK=fpn`` model (module docstring, "The pyramid"): the same input, outputs and
+    :meth:`detect`; the RPN, the proposal layer and RoI pooling level by level."""
+
+    def __init__(self, model: FasterRCNN):
+        super().__init__(model)
+        self.strides = list(model.strides)  # P2.. and the RPN's extra level, finest first
+        for j, generator in enumerate(model.anchor_generators):
+            self.register_buffer(f"base_anchors{j}", generator.base_anchors.clone(), persistent=False)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        test = self.cfg.TEST
+        levels = self.head(image)  # [P2, ..., P6], finest first
+        height, width = _size(image.shape[2]), _size(image.shape[3])
+        # proposal layer (frcnn.model.rpn.proposal_layer with level_sizes): each level's own anchors, top
+        # RPN_PRE_NMS_TOP_N and NMS within the level, then the best RPN_POST_NMS_TOP_N of all levels
+        level_boxes, level_scores = [], []
+        for j, (features, stride) in enumerate(zip(levels, self.strides)):
+            boxes, scores, keep = self.rpn_proposals(features, getattr(self, f"base_anchors{j}"), stride, height,
+                                                     width)
+            level_boxes.append(boxes[keep])
+            level_scores.append(scores[keep])
+        boxes, scores = torch.cat(level_boxes), torch.cat(level_scores)
+        # best first over all levels; equal scores keep their place in this list (finer level first, then the
+        # level's order), which is the order of the anchor indices batched_nms breaks ties by
+        best = scores.topk(scores.shape[0]).indices
+        if test.RPN_POST_NMS_TOP_N > 0:
+            best = best[: test.RPN_POST_NMS_TOP_N]
+        proposals = boxes[best]
+        # RoI pooling (frcnn.model.pooling.pool_pyramid): each RoI from its level (the last level is the RPN's
+        # only), then the crops put back in the order of the proposals
+        strides = self.strides[:-1]
+        first = strides[0].bit_length() - 1
+        rois = torch.cat((torch.zeros_like(proposals[:, :1]), proposals), dim=1)
+        level = roi_levels(rois, first, strides[-1].bit_length() - 1) - first
+        crops, picks = [], []
+        for i, (features, stride) in enumerate(zip(levels[:-1], strides)):
+            pick = (level == i).nonzero().squeeze(1)
+            crops.append(self.pool(features, proposals[pick], stride))
+            picks.append(pick)
+        pooled = torch.cat(crops)[torch.cat(picks).argsort()]
+        cls_logits, bbox_pred = self.classifier(pooled)
+        return self.detect(proposals, cls_logits, bbox_pred, height, width)
+
+
 def refuse_pyramid(cfg: Config, what: str = "frcnn export") -> None:
-    """One ConfigError line for a ``NECK=fpn`` config: the exported graph has one C4 map (module docstring)."""
-    if cfg.NECK != "none":
-        raise ConfigError(f"{what} does not support NECK={cfg.NECK} yet (the ONNX graph is written for one C4 "
-                          "feature map); run this model with --engine torch")
+    """One ConfigError line for a NECK the graph has no code for; ``none`` (C4) and ``fpn`` (:class:`PyramidGraph`)
+    both export, so this refuses nothing today (``frcnn benchmark --engine onnxruntime`` still calls it)."""
+    if cfg.NECK not in ("none", "fpn"):
+        raise ConfigError(f"{what} does not support NECK={cfg.NECK}; run this model with --engine torch")
 
 
 def metadata(cfg: Config, class_names: Sequence[str]) -> dict[str, str]:
@@ -233,7 +306,7 @@ def export_model(model: FasterRCNN, cfg: Config, class_names: Sequence[str], out
     onnx = require("onnx", "frcnn export")
     require("onnxscript", "frcnn export")
     model = copy.deepcopy(model).float().cpu().eval()
-    graph = DetectorGraph(model).eval()
+    graph = (PyramidGraph if model.pyramid else DetectorGraph)(model).eval()
     if example_size is None:
         example_size = (cfg.TEST.SCALES[0], max(cfg.TEST.SCALES[0], min(cfg.TEST.MAX_SIZE,
                                                                        round(cfg.TEST.SCALES[0] * 4 / 3))))
