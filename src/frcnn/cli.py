@@ -480,10 +480,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.engine == "onnxruntime" and (checkpoint.suffix == ".onnx" or (checkpoint / "model.onnx").is_file()):
         return _benchmark_onnx_file(args, checkpoint)
     cfg = load_config(str(checkpoint / CONFIG) if (checkpoint / CONFIG).is_file() else args.config, args.overrides)
-    if args.engine == "onnxruntime":
-        from frcnn.engine.export import refuse_pyramid
-
-        refuse_pyramid(cfg, "--engine onnxruntime (frcnn export)")
     asked = cfg  # the checkpoint's config and --set: the model's (--quick changes the run, not the network)
     if args.quick:
         from frcnn.engine.fast_mode import quick_overrides

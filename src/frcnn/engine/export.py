@@ -279,13 +279,6 @@ class PyramidGraph(DetectorGraph):
         return self.detect(proposals, cls_logits, bbox_pred, height, width)
 
 
-def refuse_pyramid(cfg: Config, what: str = "frcnn export") -> None:
-    """One ConfigError line for a NECK the graph has no code for; ``none`` (C4) and ``fpn`` (:class:`PyramidGraph`)
-    both export, so this refuses nothing today (``frcnn benchmark --engine onnxruntime`` still calls it)."""
-    if cfg.NECK not in ("none", "fpn"):
-        raise ConfigError(f"{what} does not support NECK={cfg.NECK}; run this model with --engine torch")
-
-
 def metadata(cfg: Config, class_names: Sequence[str]) -> dict[str, str]:
     return {FORMAT_KEY: FORMAT_VALUE, "frcnn.onnx_format": str(ONNX_FORMAT), "frcnn.version": __version__,
             "frcnn.classes": json.dumps(list(class_names)), "frcnn.config": dump_yaml(cfg)}
@@ -300,7 +293,6 @@ def export_model(model: FasterRCNN, cfg: Config, class_names: Sequence[str], out
     import copy
 
     out = Path(out)
-    refuse_pyramid(model.cfg)
     if out.exists():
         raise ConfigError(f"{out} exists; export never overwrites: choose another --out")
     onnx = require("onnx", "frcnn export")
