@@ -290,7 +290,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # scratch-cpu with a Feature Pyramid Network on the tiny backbone: P2..P4 (strides 4, 8, 16) from its stages
 # and P5 for the RPN, 64 channels (the RPN's too), one anchor size a level (8 x stride: 32..256 px at 320-px
 # images) x 3 ratios, so no anchor choice to make. 1.11x scratch-cpu's time a training step (128 channels:
-# 2.2x). BCCD seed 0: VOC07 mAP 0.8790 (platelets 0.8925) against scratch-cpu's 0.8724 (0.8553), same budget.
+# 2.2x). Same budget, 3 seeds (benchmarks/results/fpn_cpu.md): BCCD VOC07 mAP 0.8841 against scratch-cpu's 0.8756
+# (platelets 0.897 against 0.869); on the demo's shapes it loses (0.75-0.87 against 0.89): scratch-cpu stays the
+# default recipe.
 PRESETS["scratch-cpu-fpn"] = {
     **PRESETS["scratch-cpu"], "NECK": "fpn", "FEAT_STRIDE": 16, "ANCHOR_SCALES": [8], "FPN_CHANNELS": 64,
     "RPN_CHANNELS": 64,
