@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from frcnn import __version__
+from frcnn.config import PRESETS
 from frcnn.errors import FrcnnError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -19,7 +20,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="PRESET_OR_YAML",
-                   help="a preset (voc-r50-c4, voc-vgg16, demo-cpu, scratch-cpu) or a YAML file of config keys")
+                   help=f"a preset ({', '.join(PRESETS)}) or a YAML file of config keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set TRAIN.RPN_BATCHSIZE=128 (repeatable)")
 
@@ -245,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a checkpoint's whole detector to ONNX (opset 20, dynamo exporter): head, "
                                    "anchors, RPN, proposal layer, RoI pooling, classification and per-class NMS, "
                                    "for one pre-processed image of any size; class names and config go into its "
-                                   "metadata. Needs the onnx extra: pip install 'frcnn[onnx]'. C4 models only: a "
-                                   "NECK=fpn checkpoint is refused (run it with --engine torch).")
+                                   "metadata. Needs the onnx extra: pip install 'frcnn[onnx]'. C4 and NECK=fpn "
+                                   "models alike (the pyramid level by level).")
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (a training run's --out)")
     p.add_argument("--out", required=True, type=Path, metavar="MODEL.onnx",
                    help="the file to write (refused if it exists)")

@@ -79,7 +79,7 @@ from frcnn.config import Config, dump_yaml
 from frcnn.errors import CheckpointError, ConfigError
 from frcnn.model.anchors import shift_anchors
 from frcnn.model.detector import FasterRCNN
-from frcnn.model.pooling import roi_levels
+from frcnn.model.pooling import pooled_level_index
 
 ONNX_FORMAT = 1  # the graph's inputs, outputs and metadata; a change makes older files incompatible
 OPSET = 20
@@ -266,9 +266,8 @@ class PyramidGraph(DetectorGraph):
         # RoI pooling (frcnn.model.pooling.pool_pyramid): each RoI from its level (the last level is the RPN's
         # only), then the crops put back in the order of the proposals
         strides = self.strides[:-1]
-        first = strides[0].bit_length() - 1
         rois = torch.cat((torch.zeros_like(proposals[:, :1]), proposals), dim=1)
-        level = roi_levels(rois, first, strides[-1].bit_length() - 1) - first
+        level = pooled_level_index(rois, strides)
         crops, picks = [], []
         for i, (features, stride) in enumerate(zip(levels[:-1], strides)):
             pick = (level == i).nonzero().squeeze(1)

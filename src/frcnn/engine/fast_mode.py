@@ -128,20 +128,17 @@ def quick_predictor(folder: str | Path, device: str | torch.device | None, fast:
     """A :class:`~frcnn.engine.inference.Predictor` of the checkpoint ``folder`` with :func:`quick_overrides`
     applied in memory (the folder is only read); ``fast``: the fast inference path; ``say`` gets the line of
     :func:`describe`. ``overrides``: the user's ``--set TEST.*`` (they win over quick mode's), said in one more line."""
-    from frcnn.config import config_changes, deep_update
     from frcnn.engine.checkpoint import CONFIG, choose_device, load_model, read_config
-    from frcnn.engine.inference import Predictor
+    from frcnn.engine.inference import Predictor, describe_overrides
 
     device = choose_device(device)
     path = Path(folder) / CONFIG
     base = read_config(path) if path.is_file() else None  # no config.yaml: load_model says what is wrong
-    quick = quick_overrides(base, device) if base is not None else None
     given = (overrides or {}).get("TEST", {})
-    if quick is not None:
-        quick = {"TEST": {k: v for k, v in quick["TEST"].items() if k not in given}}
-    combined = {"TEST": dict((quick or {"TEST": {}})["TEST"])}
-    deep_update(combined, overrides or {})
-    model, ckpt = load_model(folder, device, overrides=combined)
+    quick = None
+    if base is not None:  # the user's keys are left out of quick mode's
+        quick = {"TEST": {k: v for k, v in quick_overrides(base, device)["TEST"].items() if k not in given}}
+    model, ckpt = load_model(folder, device, overrides={"TEST": {**(quick or {"TEST": {}})["TEST"], **given}})
     if fast:
         from frcnn.engine.fast import prepare_for_inference
 
@@ -150,6 +147,5 @@ def quick_predictor(folder: str | Path, device: str | torch.device | None, fast:
     if say is not None and base is not None and quick is not None:
         say(describe(base, quick, device, int8))
         if overrides:
-            changes = [c for c in config_changes(base, ckpt.cfg) if c.split(":")[0].split(".")[-1] in given]
-            say(f"--set: {'; '.join(changes) or 'no change'} (this run only; the checkpoint is not changed)")
+            say(describe_overrides(base, overrides))
     return Predictor(model, ckpt.cfg, ckpt.class_names)

@@ -9,12 +9,18 @@ import torch
 from PIL import Image
 
 from frcnn.boxes import clip_boxes, scale_boxes
-from frcnn.config import Config
+from frcnn.config import Config, config_changes, merge
 from frcnn.engine.checkpoint import CONFIG, load_model, read_config
 from frcnn.engine.precision import Precision
 from frcnn.model.detector import Detections, FasterRCNN
 from frcnn.model.trace import Trace
 from frcnn.transforms import batch_images, image_to_tensor, prep_image
+
+
+def describe_overrides(cfg: Config, overrides: dict) -> str:
+    """One line saying what ``overrides`` (``eval``/``detect --set``) change on the checkpoint's ``cfg``."""
+    changes = config_changes(cfg, merge(cfg, overrides))
+    return f"--set: {'; '.join(changes) or 'no change'} (this run only; the checkpoint is not changed)"
 
 
 class Predictor:
@@ -36,10 +42,7 @@ class Predictor:
         one line to ``say``."""
         model, ckpt = load_model(folder, device, overrides=overrides)
         if overrides and say is not None:
-            from frcnn.config import config_changes
-
-            changes = config_changes(read_config(Path(folder) / CONFIG), ckpt.cfg)
-            say(f"--set: {'; '.join(changes) or 'no change'} (this run only; the checkpoint is not changed)")
+            say(describe_overrides(read_config(Path(folder) / CONFIG), overrides))
         if fast:
             from frcnn.engine.fast import prepare_for_inference
 

@@ -82,8 +82,11 @@ def crop_pool_grid_sample(features: Tensor, rois: Tensor, size: int, stride: int
     return F.max_pool2d(out, 2, 2) if max_pool else out
 
 
-def roi_levels(rois: Tensor, k_min: int, k_max: int, canonical_size: float = 224.0, canonical_level: int = 4
-               ) -> Tensor:
+CANONICAL_SIZE, CANONICAL_LEVEL = 224.0, 4  # the FPN level rule's k0: a 224-px RoI reads P4
+
+
+def roi_levels(rois: Tensor, k_min: int, k_max: int, canonical_size: float = CANONICAL_SIZE,
+               canonical_level: int = CANONICAL_LEVEL) -> Tensor:
     """The pyramid level of each RoI (FPN paper, eq. 1): ``k = floor(k0 + log2(sqrt(w h) / 224))`` clamped to
     ``[k_min, k_max]``, ``w`` and ``h`` the RoI's +1 sizes (torchvision's exclusive ones), with torchvision's
     ``1e-6`` against rounding at the boundaries. A 224-px RoI reads P4, 112 px P3, 448 px P5."""
@@ -93,13 +96,19 @@ def roi_levels(rois: Tensor, k_min: int, k_max: int, canonical_size: float = 224
     return k.clamp(k_min, k_max).long()
 
 
+def pooled_level_index(rois: Tensor, strides: list[int]) -> Tensor:
+    """Which of the pooled maps at ``strides`` (powers of two, finest first) each RoI is pooled from: the index
+    (0 = the finest) of its :func:`roi_levels` level, clamped to those maps."""
+    first = strides[0].bit_length() - 1
+    return roi_levels(rois, first, strides[-1].bit_length() - 1) - first
+
+
 def pool_pyramid(levels: list[Tensor], rois: Tensor, mode: str, size: int, strides: list[int]) -> Tensor:
-    """Pool each RoI from its level (:func:`roi_levels`) of ``levels`` (maps at ``strides``, finest first), in any
-    POOLING_MODE; one map: :func:`pool_rois`. (R, C, size, size), in the order of ``rois``."""
+    """Pool each RoI from its level (:func:`pooled_level_index`) of ``levels`` (maps at ``strides``, finest first),
+    in any POOLING_MODE; one map: :func:`pool_rois`. (R, C, size, size), in the order of ``rois``."""
     if len(levels) == 1:
         return pool_rois(levels[0], rois, mode, size, strides[0])
-    first = strides[0].bit_length() - 1
-    level = roi_levels(rois.detach(), first, strides[-1].bit_length() - 1) - first
+    level = pooled_level_index(rois.detach(), strides)
     out = levels[0].new_zeros((rois.shape[0], levels[0].shape[1], size, size))
     for i, (features, stride) in enumerate(zip(levels, strides)):
         idx = (level == i).nonzero().squeeze(1)

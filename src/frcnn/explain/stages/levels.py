@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from frcnn.explain.run import ExplainRun
-from frcnn.model.pooling import roi_levels
+from frcnn.model.pooling import pooled_level_index
 
-CANONICAL_SIZE, CANONICAL_LEVEL = 224.0, 4  # the level rule's: a 224-px RoI reads P4 (roi_levels' defaults)
 # one colour per level, finest first (P2 red ... P6 purple), for anchors, proposals and RoIs alike
 LEVEL_COLORS = [(230, 25, 75), (245, 130, 48), (60, 180, 75), (0, 130, 200), (145, 30, 180), (240, 50, 230)]
 
@@ -60,7 +59,6 @@ def level_span(levels: list[Level]) -> str:
 
 def pooling_level_of(levels: list[Level], rois: Tensor) -> Tensor:
     """The level index (0 = finest) each RoI ``[batch_index, x1, y1, x2, y2]`` (R, 5) is pooled from:
-    :func:`~frcnn.model.pooling.roi_levels` with ``k_min`` the finest level's and ``k_max`` the last pooled
-    level's (the one before the RPN-only level), as the model pools them."""
-    k_min, k_max = levels[0].k, levels[-2].k
-    return roi_levels(rois.float().cpu(), k_min, k_max) - k_min
+    :func:`~frcnn.model.pooling.pooled_level_index` over the levels before the RPN-only one, as the model pools
+    them."""
+    return pooled_level_index(rois.float().cpu(), [lv.stride for lv in levels[:-1]])

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from frcnn.explain.run import ExplainRun
 from frcnn.explain.stages.canvas import Stage, _line, _ms, _tag, draw_boxes, make_canvas
-from frcnn.explain.stages.levels import CANONICAL_LEVEL, CANONICAL_SIZE, Level, pooling_level_of, pyramid_levels
+from frcnn.explain.stages.levels import Level, pooling_level_of, pyramid_levels
+from frcnn.model.pooling import CANONICAL_LEVEL, CANONICAL_SIZE
 from frcnn.viz import charts
 
 TOP_ROIS = 6  # RoIs shown in the pooling and classification pictures
