@@ -289,8 +289,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # scratch-cpu with a Feature Pyramid Network on the tiny backbone: P2..P4 (strides 4, 8, 16) from its stages
 # and P5 for the RPN, 64 channels (the RPN's too), one anchor size a level (8 x stride: 32..256 px at 320-px
-# images) x 3 ratios, so no anchor choice to make. 1.11x scratch-cpu's time a training step (128 channels:
-# 2.2x). Same budget, 3 seeds (benchmarks/results/fpn_cpu.md): BCCD VOC07 mAP 0.8841 against scratch-cpu's 0.8756
+# images) x 3 ratios, so no anchor choice to make. 1.13x scratch-cpu's time a training step (128 channels:
+# 2.2x; benchmarks/bench_fpn_step.py). Same budget, 3 seeds (benchmarks/results/fpn_cpu.md): BCCD VOC07 mAP 0.8841 against scratch-cpu's 0.8756
 # (platelets 0.897 against 0.869); on the demo's shapes it loses (0.75-0.87 against 0.89): scratch-cpu stays the
 # default recipe.
 PRESETS["scratch-cpu-fpn"] = {
