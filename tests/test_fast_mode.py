@@ -199,6 +199,8 @@ def test_eval_and_detect_set_changes_test_keys_for_the_run_only(tmp_path, capsys
     assert "TEST.NMS: 0.3 -> 0.5" in err and "TEST.SCORE_THRESH: 0.0 -> 0.01" in err
     for bad, says in ((["--set", "BACKBONE=res50"], "--set BACKBONE: detect changes only TEST.* keys"),
                       (["--set", "TEST.NMS=abc"], "TEST.NMS"),
+                      (["--set", "TEST.NMS=-1"], "TEST.NMS=-1.0 is an IoU threshold: it must lie in [0, 1]"),
+                      (["--set", "TEST.MAX_PER_IMAGE=0"], "TEST.MAX_PER_IMAGE=0 must be at least 1"),
                       (["--set", "TEST.NMS=0.5", "--engine", "onnxruntime"], "its TEST settings in its graph")):
         assert main(["detect", "--checkpoint", str(folder), "--out", str(tmp_path / "bad"), image,
                      "--device", "cpu", *bad]) == 2

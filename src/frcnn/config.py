@@ -162,6 +162,12 @@ class Config:
             if getattr(self.TRAIN, key) < 1:
                 raise ConfigError(f"TRAIN.{key}={getattr(self.TRAIN, key)} must be at least 1")
         _check_choice("TEST.AMP", self.TEST.AMP, AMP_MODES)
+        for key, value in (("TRAIN.RPN_NMS_THRESH", self.TRAIN.RPN_NMS_THRESH), ("TEST.NMS", self.TEST.NMS),
+                           ("TEST.RPN_NMS_THRESH", self.TEST.RPN_NMS_THRESH)):
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{key}={value} is an IoU threshold: it must lie in [0, 1]")
+        if self.TEST.MAX_PER_IMAGE < 1:
+            raise ConfigError(f"TEST.MAX_PER_IMAGE={self.TEST.MAX_PER_IMAGE} must be at least 1")
         if len(self.PIXEL_MEANS) != 3 or len(self.PIXEL_STDS) != 3:
             raise ConfigError("PIXEL_MEANS and PIXEL_STDS need 3 values (R, G, B)")
         if not 0 < self.TRAIN.FG_FRACTION <= 1 or not 0 < self.TRAIN.RPN_FG_FRACTION <= 1:
@@ -290,9 +296,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # scratch-cpu with a Feature Pyramid Network on the tiny backbone: P2..P4 (strides 4, 8, 16) from its stages
 # and P5 for the RPN, 64 channels (the RPN's too), one anchor size a level (8 x stride: 32..256 px at 320-px
 # images) x 3 ratios, so no anchor choice to make. 1.13x scratch-cpu's time a training step (128 channels:
-# 2.2x; benchmarks/bench_fpn_step.py). Same budget, 3 seeds (benchmarks/results/fpn_cpu.md): BCCD VOC07 mAP 0.8841 against scratch-cpu's 0.8756
-# (platelets 0.897 against 0.869); on the demo's shapes it loses (0.75-0.87 against 0.89): scratch-cpu stays the
-# default recipe.
+# 2.2x; benchmarks/bench_fpn_step.py). Same budget, 3 seeds (benchmarks/results/fpn_cpu.md): BCCD VOC07 mAP
+# 0.8841 against scratch-cpu's 0.8756 (platelets 0.897 against 0.869); on the demo's shapes it loses (0.75-0.87
+# against 0.89): scratch-cpu stays the default recipe.
 PRESETS["scratch-cpu-fpn"] = {
     **PRESETS["scratch-cpu"], "NECK": "fpn", "FEAT_STRIDE": 16, "ANCHOR_SCALES": [8], "FPN_CHANNELS": 64,
     "RPN_CHANNELS": 64,
