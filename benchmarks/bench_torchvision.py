@@ -94,6 +94,7 @@ robust figure when another user's job loads the machine: it slows both sides of 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import os
@@ -938,7 +939,16 @@ def main(argv=None) -> int:
         with torch.no_grad():
             fr_fast(fr_input, fr_sizes)
 
-    fr_opt = torch.optim.SGD([p for p in fr.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
+    # the model as `frcnn train` holds it: channels-last where MEMORY_FORMAT auto picks it (AVX-512 CPUs)
+    from frcnn.engine.train import trains_channels_last
+
+    fr_train = copy.deepcopy(fr)
+    train_layout = "channels-last" if trains_channels_last(cfg, torch.device("cpu")) else "contiguous"
+    if train_layout == "channels-last":
+        fr_train.to(memory_format=torch.channels_last)
+    info["frcnn_train_layout"] = train_layout
+    train_count = RoICounter(fr_train.classifier.tail)
+    fr_opt = torch.optim.SGD([p for p in fr_train.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
                              weight_decay=1e-4)
     tv_opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-3, momentum=0.9,
                              weight_decay=1e-4)
@@ -948,7 +958,7 @@ def main(argv=None) -> int:
 
     def train_fr():
         fr_opt.zero_grad(set_to_none=True)
-        losses = fr(fr_input, fr_sizes, [gt_boxes], [gt_labels], generator=gen)
+        losses = fr_train(fr_input, fr_sizes, [gt_boxes], [gt_labels], generator=gen)
         sum(losses.values()).backward()
         fr_opt.step()
         last_losses["frcnn"] = {k: round(float(v.detach()), 4) for k, v in losses.items()}
@@ -963,9 +973,10 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     modes = (("inference", [("frcnn", infer_fr, fr_count), ("torchvision", infer_tv, tv_count),
                             ("frcnn fast", infer_fast, fast_count)], "eval"),
-             ("train", [("frcnn", train_fr, fr_count), ("torchvision", train_tv, tv_count)], "train"))
+             ("train", [("frcnn", train_fr, train_count), ("torchvision", train_tv, tv_count)], "train"))
     for mode, entries, set_mode in modes:
         fr.train(set_mode == "train")
+        fr_train.train(set_mode == "train")
         tv.train(set_mode == "train")
         results[mode] = timed_rounds(mode, entries, args.warmup, args.runs)
         if mode == "train":
@@ -1040,7 +1051,8 @@ def main(argv=None) -> int:
             f"round(s). Input: {bench_path.name} resized to 600x1000, padded to "
             f"{fr_input.shape[-2]}x{fr_input.shape[-1]} (size_divisible {SIZE_DIVISIBLE}) for both models. "
             f"Training: one image, {len(gt_boxes)} gt boxes, forward + backward + SGD step, frozen BN, "
-            "conv1 + layer1 fixed.",
+            f"conv1 + layer1 fixed; frcnn's model in {info['frcnn_train_layout']} layout, as `frcnn train` holds "
+            "it here (MEMORY_FORMAT auto).",
             "",
             table,
             "",

@@ -133,9 +133,10 @@ def test_two_fpn_processes_train_the_weights_of_one_with_twice_the_images_and_bf
 
     voc = tmp_path / "voc"
     make_shapes_dataset(voc, num_trainval=6, num_test=2, image_size=(128, 128), seed=1)
-    td._train(voc, tmp_path / "one", 1, *FPN, "TRAIN.IMS_PER_BATCH=2", "TRAIN.MAX_ITERS=4")
-    td._train(voc, tmp_path / "two", 2, *FPN, "TRAIN.IMS_PER_BATCH=1", "TRAIN.MAX_ITERS=4")
-    td._train(voc, tmp_path / "half", 1, *FPN, "TRAIN.IMS_PER_BATCH=1", "TRAIN.MAX_ITERS=4")
+    same = ("TRAIN.MAX_ITERS=4", "MEMORY_FORMAT=contiguous")  # why contiguous: test_distributed's docstring
+    td._train(voc, tmp_path / "one", 1, *FPN, "TRAIN.IMS_PER_BATCH=2", *same)
+    td._train(voc, tmp_path / "two", 2, *FPN, "TRAIN.IMS_PER_BATCH=1", *same)
+    td._train(voc, tmp_path / "half", 1, *FPN, "TRAIN.IMS_PER_BATCH=1", *same)
     one, two, half = (td._weights(tmp_path / r) for r in ("one", "two", "half"))
     diff = td._max_diff(one, two)
     assert diff < 2e-5, diff  # measured 1.8e-7

@@ -185,3 +185,22 @@ def test_learning_rate_known_answers():
                            "TRAIN.WARMUP_FACTOR=0.2", "TRAIN.LR_SCALING=linear"]).TRAIN
     assert [learning_rate(w, i, world_size=2) for i in range(7)] == pytest.approx(
         [0.02 * 0.2, 0.02 * 0.36, 0.02 * 0.52, 0.002 * 0.68, 0.002 * 0.84, 0.002, 0.002])
+
+
+def test_memory_format_sets_the_training_layout_not_the_weights(tmp_path):
+    """MEMORY_FORMAT=channels_last trains with channels-last convolution weights, contiguous with contiguous
+    ones; after an iteration the weights agree to float rounding, and the checkpoint loads either way."""
+    runs = {}
+    for fmt in ("channels_last", "contiguous"):
+        cfg = _cfg("TRAIN.MAX_ITERS=1", "TRAIN.SNAPSHOT_ITERS=1", "TRAIN.WARMUP_ITERS=0", f"MEMORY_FORMAT={fmt}")
+        model = train(cfg, TinySet(), tmp_path / fmt, progress=False)
+        convs = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last) == (fmt == "channels_last")
+                             and w.is_contiguous() == (fmt == "contiguous") for w in convs), fmt
+        runs[fmt] = load_file(str(tmp_path / fmt / "model.safetensors"))
+        assert read_checkpoint(tmp_path / fmt).iteration == 1
+    a, b = runs.values()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-4, atol=1e-6), key
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # two layouts did run: oneDNN rounds them differently

@@ -45,17 +45,27 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
+def channels_last_pays(device: torch.device, memory_format: str = "auto") -> bool:
+    """Whether to run the convolutions in channels-last on ``device`` (the config's ``MEMORY_FORMAT``):
+    ``auto`` picks it on CPUs with AVX-512, where it measured faster (inference:
+    ``benchmarks/results/fast_path.md``; the R50-C4 training step: ``benchmarks/results/torchvision_r50c4.md``; the
+    tiny backbone's step is even or a few percent faster). Elsewhere (AVX2 CPUs, CUDA) it was not measured to win."""
+    if memory_format != "auto":
+        return memory_format == "channels_last"
+    return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def prepare_for_inference(model: nn.Module, channels_last: bool | None = None, inplace: bool = False) -> nn.Module:
     """A copy of ``model`` for inference: BatchNorm folded, eval mode, no gradients, and channels-last where
-    it pays (``None``: on CPUs with AVX-512, the layout measured faster there; ``True``/``False`` to force).
+    it pays (``None``: the model's ``cfg.MEMORY_FORMAT``, see :func:`channels_last_pays`; ``True``/``False`` to force).
     ``inplace``: rearrange ``model`` itself (a model loaded only to run, like a checkpoint's: no copy needed)."""
     fast = (model if inplace else copy.deepcopy(model)).eval()
     for p in fast.parameters():
         p.requires_grad_(False)
     fold_batchnorm(fast)
     if channels_last is None:
-        device = next(fast.parameters()).device
-        channels_last = device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+        cfg = getattr(fast, "cfg", None)
+        channels_last = channels_last_pays(next(fast.parameters()).device, getattr(cfg, "MEMORY_FORMAT", "auto"))
     if channels_last:  # a convolution whose weight is channels-last answers in channels-last: the rest follows
         fast.to(memory_format=torch.channels_last)
     return fast
