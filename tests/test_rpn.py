@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from frcnn.model.anchors import generate_anchors, shift_anchors
-from frcnn.model.rpn import RPN, proposal_layer
+from frcnn.model.rpn import RPN, proposal_layer, stable_top_k
 from frcnn.model.trace import Trace
 
 
@@ -166,3 +166,46 @@ def test_nms_suppresses_lower_scored_overlap_only_within_an_image():
     scores = torch.tensor([[0.6, 0.9], [0.9, 0.6]])
     rois, _ = proposal_layer(scores, torch.zeros(2, 2, 4), boxes, torch.tensor([[50, 50], [50, 50]]), 10, 10, 0.7)
     assert rois.tolist() == [[0.0, 1.0, 0.0, 10.0, 9.0], [1.0, 0.0, 0.0, 9.0, 9.0]]
+
+
+def _sorted_first(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return scores.sort(dim=1, descending=True, stable=True)[1][:, :k]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stable_top_k_is_the_first_k_of_a_stable_sort_with_ties(seed):
+    g = torch.Generator().manual_seed(seed)
+    m = int(torch.randint(1, 3000, (1,), generator=g))
+    # few distinct values: ties everywhere, also across the k-th place
+    scores = torch.randint(0, 7, (2, m), generator=g).float() / 7
+    if seed % 2:
+        scores = torch.rand(2, m, generator=g)
+        scores[:, ::5] = 0.5  # a block of equal scores among distinct ones
+    for k in (1, 2, m // 3, m - 1, m, m + 5):
+        k = max(k, 0)
+        assert torch.equal(stable_top_k(scores, k), _sorted_first(scores, k)), (m, k)
+    assert stable_top_k(scores, 0).shape == (2, 0)
+
+
+def test_stable_top_k_with_nan_orders_like_the_sort():
+    scores = torch.tensor([[0.3, float("nan"), 0.9, 0.3, 0.1, 0.3]])
+    for k in range(1, 7):
+        assert torch.equal(stable_top_k(scores, k), _sorted_first(scores, k))
+
+
+def test_proposals_of_the_top_k_path_equal_a_transcription_that_decodes_every_anchor():
+    """The proposal layer decodes only its top RPN_PRE_NMS_TOP_N anchors; decoding all of them first (the
+    write-up's order) and then picking gives the same rois and scores, exactly."""
+    from frcnn.boxes import bbox_transform_inv, clip_boxes, to_exclusive
+    import torchvision
+
+    g = torch.Generator().manual_seed(0)
+    anchors = shift_anchors(generate_anchors(), 30, 40, 16)
+    m = anchors.shape[0]
+    fg = torch.rand(1, m, generator=g)
+    deltas = torch.randn(1, m, 4, generator=g) * 0.2
+    rois, scores = proposal_layer(fg, deltas, anchors, torch.tensor([[480.0, 640.0]]), 2000, 300, 0.7)
+    boxes = clip_boxes(bbox_transform_inv(anchors, deltas[0]), 480.0, 640.0)
+    order = fg[0].sort(descending=True, stable=True)[1][:2000]
+    keep = torchvision.ops.nms(to_exclusive(boxes[order]), fg[0, order], 0.7)[:300]
+    assert torch.equal(rois[:, 1:], boxes[order][keep]) and torch.equal(scores, fg[0, order][keep])
