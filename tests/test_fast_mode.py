@@ -15,7 +15,16 @@ from frcnn.cli import main
 from frcnn.config import config_to_dict, merge
 from frcnn.engine import fast_mode
 from frcnn.engine.checkpoint import save_checkpoint
-from frcnn.engine.fast_mode import Float32, describe, native_bf16, quantize_tail, quick_overrides, quick_predictor
+from frcnn.engine.fast_mode import (
+    Float32,
+    Int8Head,
+    describe,
+    native_bf16,
+    quantize_head,
+    quantize_tail,
+    quick_overrides,
+    quick_predictor,
+)
 from frcnn.engine.inference import Predictor
 
 DOCUMENTED = {"TEST.AMP"}  # plus the int8 tail, not a config key
@@ -207,3 +216,44 @@ def test_eval_and_detect_set_changes_test_keys_for_the_run_only(tmp_path, capsys
         err = capsys.readouterr().err.strip()
         assert says in err and len(err.splitlines()) == 1
     assert _files(folder) == before
+
+
+INT8_HEAD = quantize_head(model())  # this machine quantizes heads: x86 engine, AVX-512 with VNNI
+needs_int8_head = pytest.mark.skipif(not INT8_HEAD, reason="the int8 head needs an AVX-512 CPU with VNNI")
+
+
+@needs_int8_head
+def test_the_int8_head_runs_float_while_it_calibrates_then_int8_near_float():
+    float_model, quantized = model(), model()
+    assert quantize_head(quantized, calibration=2) and isinstance(quantized.head, Int8Head)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(1, 3, 96, 128, generator=g) * 50 for _ in range(3)]
+    with torch.no_grad():
+        for x in xs[:2]:  # calibration: the float head (BatchNorm fused into the convolutions) with observers
+            torch.testing.assert_close(quantized.head(x), float_model.head(x), rtol=1e-4, atol=1e-4)
+        head = quantized.head
+        assert head.observed is None and head.int8 is not None
+        assert sum(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in head.int8.modules()) == sum(
+            isinstance(m, nn.Conv2d) for m in float_model.head.modules())
+        ref, out = float_model.head(xs[2]), quantized.head(xs[2])
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    error = float((out - ref).norm() / ref.norm())
+    assert 0 < error < 0.1  # int8 ran, and stayed near float (measured ~0.02 on images, 0.06 on noise)
+
+
+def test_the_int8_head_only_where_measured_and_not_for_a_few_images(monkeypatch, tmp_path):
+    monkeypatch.setattr(fast_mode, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # no VNNI
+    plain = model()
+    assert not quantize_head(plain) and not isinstance(plain.head, Int8Head)
+    monkeypatch.undo()
+    if not INT8_HEAD:
+        pytest.skip("the int8 head needs an AVX-512 CPU with VNNI")
+    folder = checkpoint(tmp_path / "ckpt")
+    lines = []
+    few = quick_predictor(folder, "cpu", images=fast_mode.INT8_HEAD_MIN_IMAGES - 1, say=lines.append)
+    many = quick_predictor(folder, "cpu", images=fast_mode.INT8_HEAD_MIN_IMAGES, say=lines.append)
+    assert not isinstance(few.model.head, Int8Head) and isinstance(many.model.head, Int8Head)
+    assert "backbone head in float" in lines[0] and "backbone head in int8 after 4 calibration images" in lines[1]
+    for _ in range(fast_mode.CALIBRATION_IMAGES + 1):
+        detections = many.predict([picture()])[0]
+    assert many.model.head.int8 is not None and detections.scores.dtype == torch.float32

@@ -123,9 +123,11 @@ def conv_floor(layers: list[tuple[nn.Module, torch.Size]], device: torch.device,
 
 @torch.no_grad()
 def run_benchmark(model: FasterRCNN, cfg: Config, class_names: tuple[str, ...], size: tuple[int, int],
-                  runs: int = 5, warmup: int = 2, floor: bool = True) -> BenchmarkResult:
+                  runs: int = 5, warmup: int = 2, floor: bool = True,
+                  float_model: FasterRCNN | None = None) -> BenchmarkResult:
     """Time one ``size`` image through ``model`` stage by stage (see the module docstring); ``floor=False``
-    skips the FLOPs and the floor (reported as 0)."""
+    skips the FLOPs and the floor (reported as 0). ``float_model``: the network whose FLOPs and floor are
+    measured when ``model`` has int8 layers (which neither counts): the same model before quantization."""
     h, w = size
     g = torch.Generator().manual_seed(0)
     image = Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
@@ -148,11 +150,12 @@ def run_benchmark(model: FasterRCNN, cfg: Config, class_names: tuple[str, ...], 
                                              for i, t in enumerate(totals))
     gflops = floor_time = 0.0
     if floor:
+        measured = predictor if float_model is None else Predictor(float_model, cfg, class_names)
         with FlopCounterMode(display=False) as counter:
-            predictor.predict([image])
+            measured.predict([image])
         gflops = counter.get_total_flops() / 1e9
-        floor_time = conv_floor(_layer_inputs(model, lambda: predictor.predict([image])), predictor.device, runs,
-                                warmup)
+        floor_time = conv_floor(_layer_inputs(measured.model, lambda: measured.predict([image])), measured.device,
+                                runs, warmup)
     return BenchmarkResult((h, w), rois, stages, statistics.median(totals), gflops, floor_time, machine_info())
 
 

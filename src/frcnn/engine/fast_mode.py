@@ -5,21 +5,29 @@ On top of the checkpoint's config, in memory (the checkpoint folder is only read
 - sets ``TEST.AMP``: ``bf16`` where the CPU has native bfloat16 (:func:`native_bf16`: PyTorch's kernels at
   AVX-512 and the ``avx512_bf16`` or ``amx_bf16`` instructions), else ``none`` (float32), since bf16 emulated on
   an AVX2 CPU is 5-100x slower (``benchmarks/results/precision.md``);
-- runs the classification network's Linear layers in dynamic int8 (:func:`quantize_tail`).
+- runs the classification network's Linear layers in dynamic int8 (:func:`quantize_tail`);
+- on CPUs with VNNI (AVX-512 with ``avx512_vnni`` or ``amx_int8``) runs the backbone head in static int8
+  (:class:`Int8Head`: its ranges observed on the first ``CALIBRATION_IMAGES`` images, which run its float head;
+  a command that will detect fewer than ``INT8_HEAD_MIN_IMAGES`` images keeps the float head, which is cheaper
+  then).
 
 It keeps the checkpoint's RoI count (``TEST.RPN_POST_NMS_TOP_N``: 100 for demo-cpu, 300 for the voc-* presets).
 On CUDA it changes nothing: bf16 and the int8 tail are CPU measures, and ``TEST.AMP`` stays the checkpoint's.
 
 The choice comes from the measured trade-off on BCCD test (``benchmarks/bench_fast_mode.py``, results in
-``benchmarks/results/fast_mode.md``): bf16 and the int8 tail at the checkpoint's own 100 RoIs gave the whole
-speed-up (1.65x, -0.01 mAP points); fewer than 100 RoIs (75, 50) lost more than 1 mAP point (small platelets)
+``benchmarks/results/fast_mode.md``): bf16 and the int8 tail at the checkpoint's own 100 RoIs gave 1.58x at
+-0.01 mAP points, the int8 head took it to 1.94x at -0.05 (all rows side by side, a shared machine); fewer than
+100 RoIs (75, 50) lost more than 1 mAP point (small platelets)
 and 300 or 150 RoIs were no better than 100 on that model, so the RoI count is left to the checkpoint (capping
 the voc-* presets' 300 would cost accuracy nobody measured). :func:`quick_overrides` is the config policy,
 :func:`quick_predictor` what ``eval`` and ``detect`` run.
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +71,10 @@ def quick_overrides(cfg: Config, device: str | torch.device) -> dict[str, Any]:
     return {"TEST": test}
 
 
-def describe(cfg: Config, overrides: dict[str, Any], device: str | torch.device, int8: bool) -> str:
-    """One line saying what ``--quick`` changed on ``cfg`` (printed by the commands)."""
+def describe(cfg: Config, overrides: dict[str, Any], device: str | torch.device, int8: bool,
+             int8_head: int = 0) -> str:
+    """One line saying what ``--quick`` changed on ``cfg`` (printed by the commands); ``int8_head``: the
+    calibration images of an :class:`Int8Head` (0: the head stays float)."""
     device = torch.device(device)
     if device.type != "cpu":
         return (f"quick mode: nothing to change on {device.type} (bf16/int8 are CPU measures); "
@@ -73,6 +83,8 @@ def describe(cfg: Config, overrides: dict[str, Any], device: str | torch.device,
     for key, value in overrides["TEST"].items():
         old = getattr(cfg.TEST, key)
         parts.append(f"TEST.{key}={value}" + (f" (was {old})" if old != value else " (unchanged)"))
+    parts.append(f"backbone head in int8 after {int8_head} calibration image{'s' if int8_head > 1 else ''} "
+                 "(run in float)" if int8_head else "backbone head in float")
     parts.append("tail's Linear layers in int8" if int8 else "tail in float")
     if "AMP" in overrides["TEST"]:
         parts.append("this CPU has native bf16" if native_bf16(device)
@@ -93,6 +105,83 @@ class Float32(nn.Module):
             return self.module(x.float())
 
 
+#: images whose backbone-head activations set the int8 head's ranges (they run in float32 meanwhile)
+CALIBRATION_IMAGES = 4
+#: fewer images than this (``frcnn detect`` on a few files) keep the float head: a calibration image costs a
+#: float32 head pass (+22 ms on demo-cpu at 320 px vs bf16), an int8 image saves ~9 ms, so 4 pay back after ~10
+INT8_HEAD_MIN_IMAGES = 16
+VNNI_FLAGS = ("avx512_vnni", "amx_int8")
+
+
+class Int8Head(nn.Module):
+    """The backbone head (every convolution before the RPN) in static int8, calibrated on its first calls.
+
+    Its first ``calibration`` calls run ``head`` in float32 with observers on every activation
+    (``torch.ao.quantization.quantize_fx.prepare_fx``, x86 engine: per-channel symmetric int8 weights, uint8
+    activations over their observed min..max, all 8 bits since VNNI needs no reduced range), so those images get
+    float32 results; after the last of them the head is converted (``convert_fx``) and every later call runs the
+    int8 kernels. Inputs and outputs are float32 outside autocast. Calibration sees pixels only (no boxes, no
+    labels): the images a command detects or evaluates, in the order it reads them. On BCCD test (demo-cpu, 4
+    calibration images) min..max and the x86 default's histogram observers both scored within 0.05 mAP points of
+    float; min..max calibrates in the time of a float32 pass (``benchmarks/results/fast_mode.md``)."""
+
+    def __init__(self, observed: nn.Module, calibration: int):
+        super().__init__()
+        self.observed: nn.Module | None = observed
+        self.int8: nn.Module | None = None
+        self.left = calibration
+
+    def forward(self, x: torch.Tensor):
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.int8 is not None:
+                return self.int8(x)
+            out = self.observed(x)
+            self.left -= 1
+            if self.left <= 0:
+                from torch.ao.quantization.quantize_fx import convert_fx
+
+                with _quiet():
+                    self.int8, self.observed = convert_fx(self.observed), None
+            return out
+
+
+@contextmanager
+def _quiet():
+    with warnings.catch_warnings():  # torch.ao.quantization says it is deprecated (in favour of torchao)
+        warnings.simplefilter("ignore")
+        yield
+
+
+def quantize_head(model: nn.Module, calibration: int = CALIBRATION_IMAGES) -> bool:
+    """Replace ``model.head`` by an :class:`Int8Head` calibrated on its first ``calibration`` calls; in place.
+    Only where int8 was measured to pay: a CPU model, x86 quantized engine, a CPU with VNNI (int8 dot products:
+    ``avx512_vnni`` or ``amx_int8``, at AVX-512). False, and the model unchanged, elsewhere or where the head
+    does not trace (``torch.fx``) or the API is gone."""
+    if (next(model.parameters()).device.type != "cpu" or torch.backends.quantized.engine not in ("x86", "fbgemm")
+            or not torch.backends.cpu.get_cpu_capability().startswith("AVX512") or not cpu_flags() & set(VNNI_FLAGS)):
+        return False
+    try:
+        with _quiet():
+            from torch.ao.quantization import (
+                MinMaxObserver,
+                QConfig,
+                default_per_channel_weight_observer,
+                get_default_qconfig_mapping,
+            )
+            from torch.ao.quantization.quantize_fx import prepare_fx
+
+            head = copy.deepcopy(model.head).float().to(memory_format=torch.contiguous_format).eval()
+            example = torch.zeros(1, 3, 64, 64, device=next(model.parameters()).device)
+            qconfig = QConfig(activation=MinMaxObserver.with_args(reduce_range=False),  # VNNI: the full 8 bits
+                              weight=default_per_channel_weight_observer)
+            observed = prepare_fx(head, get_default_qconfig_mapping("x86").set_global(qconfig), (example,))
+    except Exception:  # noqa: BLE001 - any tracing or API failure leaves the float head, said by the caller
+        return False
+    model.head = Int8Head(observed, calibration)
+    return True
+
+
 def quantize_tail(model: nn.Module) -> bool:
     """Dynamic int8 quantization (``torch.ao.quantization.quantize_dynamic``: int8 weights, activations
     quantized per call) of every Linear layer of ``model.classifier`` (the tail's fully connected layers, the
@@ -105,10 +194,7 @@ def quantize_tail(model: nn.Module) -> bool:
     if engine in ("x86", "fbgemm") and not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
         return False  # fbgemm's kernels need AVX2
     try:
-        import warnings
-
-        with warnings.catch_warnings():  # torch.ao.quantization says it is deprecated (in favour of torchao)
-            warnings.simplefilter("ignore")
+        with _quiet():
             from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
             from torch.ao.quantization import quantize_dynamic
 
@@ -124,10 +210,12 @@ def quantize_tail(model: nn.Module) -> bool:
 
 
 def quick_predictor(folder: str | Path, device: str | torch.device | None, fast: bool = True,
-                    say: Callable[[str], None] | None = None, overrides: dict | None = None):
+                    say: Callable[[str], None] | None = None, overrides: dict | None = None,
+                    images: int | None = None):
     """A :class:`~frcnn.engine.inference.Predictor` of the checkpoint ``folder`` with :func:`quick_overrides`
     applied in memory (the folder is only read); ``fast``: the fast inference path; ``say`` gets the line of
-    :func:`describe`. ``overrides``: the user's ``--set TEST.*`` (they win over quick mode's), said in one more line."""
+    :func:`describe`. ``overrides``: the user's ``--set TEST.*`` (they win over quick mode's), said in one more line.
+    ``images``: how many images it will detect, if known: below ``INT8_HEAD_MIN_IMAGES`` the head stays float."""
     from frcnn.engine.checkpoint import CONFIG, choose_device, load_model, read_config
     from frcnn.engine.inference import Predictor, describe_overrides
 
@@ -144,8 +232,10 @@ def quick_predictor(folder: str | Path, device: str | torch.device | None, fast:
 
         model = prepare_for_inference(model, inplace=True)
     int8 = quantize_tail(model)
+    few = images is not None and images < INT8_HEAD_MIN_IMAGES
+    int8_head = CALIBRATION_IMAGES if not few and quantize_head(model) else 0
     if say is not None and base is not None and quick is not None:
-        say(describe(base, quick, device, int8))
+        say(describe(base, quick, device, int8, int8_head))
         if overrides:
             say(describe_overrides(base, overrides))
     return Predictor(model, ckpt.cfg, ckpt.class_names)
