@@ -77,7 +77,8 @@ def main() -> None:
     nms_mod.MIN_BOXES = 0
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {cpu_model()}, {os.cpu_count()} cores")
-    print(f"load average at start {os.getloadavg()}; BLOCK {nms_mod.BLOCK}, CHUNK {nms_mod.CHUNK}")
+    print(f"load average at start {os.getloadavg()}; BLOCK {nms_mod.BLOCK}, TILE {nms_mod.TILE}, "
+          f"CHUNK {nms_mod.CHUNK}, CELL {nms_mod.CELL}, MAX_CELLS {nms_mod.MAX_CELLS}, TAIL {nms_mod.TAIL}")
     print()
     print("| threads | input | IoU thr | N | kept | torchvision ms | frcnn ms | ratio | identical |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
