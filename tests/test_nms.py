@@ -20,12 +20,14 @@ from frcnn.model.anchors import generate_anchors, shift_anchors
 
 THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 1.0]
 MORE_THRESHOLDS = THRESHOLDS + [0.1, 0.9, 1 / 3, 0.6, 1e-9, 0.999999, 1.5]
-DEFAULTS = {name: getattr(nms_mod, name) for name in ("BLOCK", "CHUNK", "TILE", "MAX_CELLS", "MAX_ROWS", "TAIL")}
+DEFAULTS = {name: getattr(nms_mod, name) for name in ("BLOCK", "CHUNK", "TILE", "MAX_CELLS", "MAX_ROWS", "TAIL",
+                                                      "MIN_BOXES", "MIN_BOXES_MAX_KEEP")}
 
 
 @pytest.fixture(autouse=True)
 def force_blocked(monkeypatch):
     monkeypatch.setattr(nms_mod, "MIN_BOXES", 0)
+    monkeypatch.setattr(nms_mod, "MIN_BOXES_MAX_KEEP", 0)
     for name, value in dict(BLOCK=7, CHUNK=20, TILE=4, MAX_CELLS=16, MAX_ROWS=3, TAIL=0).items():
         monkeypatch.setattr(nms_mod, name, value)
 
@@ -273,3 +275,20 @@ def test_dispatch_to_torchvision_keeps_errors_and_other_inputs(monkeypatch):
     same_nms(inf_boxes, torch.rand(20), 0.5)
     huge = torch.rand(20, 4) * 1e20 + torch.tensor([0, 0, 1e20, 1e20])  # float32 areas overflow to inf
     same_nms(huge, torch.rand(20), 0.5)
+
+
+def test_max_keep_takes_the_blocked_path_from_min_boxes_max_keep_on(monkeypatch):
+    """With the default crossovers: 1000 proposals of which the first 100 kept are wanted (the demo's test-time
+    proposal layer) run the blocked path, 300 go to torchvision, 1000 without max_keep too; all give
+    torchvision's indices."""
+    for name, value in DEFAULTS.items():
+        monkeypatch.setattr(nms_mod, name, value)
+    calls = []
+    blocked = nms_mod._nms_blocked
+    monkeypatch.setattr(nms_mod, "_nms_blocked", lambda *a, **k: calls.append(a[0].shape[0]) or blocked(*a, **k))
+    boxes, scores = rpn_like(1000, seed=3)
+    for n, keep, expect in ((1000, 100, [1000]), (300, 100, []), (1000, None, [])):
+        calls.clear()
+        got = nms_mod.nms(boxes[:n], scores[:n], 0.7, max_keep=keep)
+        assert torch.equal(got, torchvision.ops.nms(boxes[:n], scores[:n], 0.7)[:keep])
+        assert calls == expect, (n, keep)

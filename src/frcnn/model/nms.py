@@ -25,7 +25,7 @@ every float); NaN suppresses nothing. Areas below 2**-100 (2**-900 in float64) v
 Every op stays within ATen's parallel grain (32768 elements, for N < 16384) and avoids ops that parallelize
 below it (searchsorted, repeat_interleave, tril, floor, aminmax, 2-d index_put): on a busy machine an OpenMP
 region waits milliseconds for a descheduled thread (measured up to 30x slower with 2 threads). Other inputs go to
-torchvision unchanged: fewer than ``MIN_BOXES`` boxes, non-CPU, not float32/float64, non-finite areas, t < 0
+torchvision unchanged: fewer than ``MIN_BOXES`` boxes (``MIN_BOXES_MAX_KEEP`` with ``max_keep``), non-CPU, not float32/float64, non-finite areas, t < 0
 or NaN, tracing/scripting/compiling, malformed arguments (so the errors are torchvision's).
 """
 
@@ -35,8 +35,10 @@ import torch
 import torchvision
 from torch import Tensor
 
-#: below this many boxes ``nms`` calls torchvision (measured crossover, benchmarks/results/nms.md)
-MIN_BOXES = 2000
+#: below this many boxes ``nms`` calls torchvision (measured crossover, benchmarks/results/nms.md); when only the
+#: first ``max_keep`` kept boxes are wanted the blocked path stops early and wins from ``MIN_BOXES_MAX_KEEP`` on
+#: (1000 proposals -> 100, the demo's: 1.1x-8x by how clustered; 300 -> 100: 0.26x; benchmarks/results/nms.md)
+MIN_BOXES, MIN_BOXES_MAX_KEEP = 2000, 500
 #: boxes resolved together in step 3 (BLOCK**2 IoU pairs stay below ATen's parallel grain of 32768)
 BLOCK = 181
 #: boxes per tile in step 4, and the most elements one op handles
@@ -193,14 +195,14 @@ def _nms_blocked(boxes: Tensor, scores: Tensor, t: float, max_keep: int | None =
     return order.index_select(0, torch.cat(out))[:max_keep]
 
 
-def _use_torchvision(boxes: Tensor, scores: Tensor) -> bool:
+def _use_torchvision(boxes: Tensor, scores: Tensor, max_keep: int | None = None) -> bool:
     return (
         torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
         or not isinstance(boxes, Tensor) or not isinstance(scores, Tensor)
         or boxes.device.type != "cpu" or scores.device != boxes.device
         or boxes.dtype not in (torch.float32, torch.float64) or boxes.is_quantized or scores.dtype != boxes.dtype
         or boxes.dim() != 2 or boxes.shape[1] != 4 or scores.dim() != 1 or scores.shape[0] != boxes.shape[0]
-        or boxes.shape[0] < MIN_BOXES
+        or boxes.shape[0] < (MIN_BOXES if max_keep is None else MIN_BOXES_MAX_KEEP)
         # finite areas (so finite coordinates, widths and heights): an inf or NaN area makes area * 0 NaN
         or not bool((((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])) * 0).sum() == 0)
     )
@@ -214,7 +216,7 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: int | Non
     exactly); greedy NMS decides in score order, so the work stops once that many are kept (the proposal
     layer keeps RPN_POST_NMS_TOP_N of thousands).
     """
-    if _use_torchvision(boxes, scores) or not float(iou_threshold) >= 0:
+    if _use_torchvision(boxes, scores, max_keep) or not float(iou_threshold) >= 0:
         return torchvision.ops.nms(boxes, scores, iou_threshold)[:max_keep]
     t = float(iou_threshold)
     if boxes.dtype == torch.float32:
