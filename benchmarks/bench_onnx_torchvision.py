@@ -6,7 +6,11 @@ BCCD image at 600x1000. torchvision's model is exported with ``torch.onnx.export
 TorchScript one if that fails) and run by onnxruntime with the same thread count; frcnn runs its default inference
 path (``frcnn.engine.fast``). Median of alternated runs after one warm-up.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/bench_onnx_torchvision.py [--runs 5]
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_onnx_torchvision.py [--runs 5] [--parts]
+
+``--parts``: where the difference is. The fast path's backbone head (conv1..layer3 on the 1x3x608x1008 input) and
+tail (layer4 on 300 RoIs of 1024x7x7), each alone, against the same module (BatchNorm folded) exported to ONNX
+and run by onnxruntime, random weights; median of alternated runs.
 """
 
 from __future__ import annotations
@@ -42,10 +46,57 @@ def export_torchvision(tv, image: torch.Tensor, path: Path) -> str:
         return "TorchScript, opset 17"
 
 
+def alternated(fns: dict, runs: int) -> dict[str, list[float]]:
+    """Times of each function over ``runs`` rounds after one warm-up round, the order reversed every round."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    items = list(fns.items())
+    for i in range(runs + 1):
+        for name, fn in items if i % 2 == 0 else items[::-1]:
+            start = time.perf_counter()
+            fn()
+            if i:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def parts(runs: int) -> int:
+    """The backbone head and the layer4 tail alone: frcnn's fast path (eager) vs onnxruntime on the same module."""
+    import onnxruntime as ort
+
+    threads = torch.get_num_threads()
+    torch.manual_seed(0)
+    cfg = load_config("voc-r50-c4", ["DEVICE=cpu"])
+    fast = prepare_for_inference(FasterRCNN(cfg, bt.NUM_CLASSES, load_pretrained=False).eval())
+    plain = prepare_for_inference(FasterRCNN(cfg, bt.NUM_CLASSES, load_pretrained=False).eval(), channels_last=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
+          f"threads {threads}, load {os.getloadavg()}")
+    for name, module, folded, shape in (("head (conv1..layer3)", fast.head, plain.head, (1, 3, 608, 1008)),
+                                        ("tail (layer4, 300 RoIs)", fast.classifier.tail, plain.classifier.tail,
+                                         (300, 1024, 7, 7))):
+        x = torch.randn(*shape)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "part.onnx"
+            torch.onnx.export(folded, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"])
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {"x": x.numpy()}
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            times = alternated({"frcnn": lambda: module(x_cl), "onnxruntime": lambda: session.run(None, feed)}, runs)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{name}: frcnn fast path {med['frcnn'] * 1e3:.0f} ms, onnxruntime {med['onnxruntime'] * 1e3:.0f} ms, "
+              f"onnxruntime / frcnn {med['onnxruntime'] / med['frcnn']:.2f}x")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--parts", action="store_true", help="time the backbone head and tail alone (see the docstring)")
     args = p.parse_args()
+    if args.parts:
+        return parts(args.runs)
     import onnxruntime as ort
 
     threads = torch.get_num_threads()
@@ -79,14 +130,7 @@ def main() -> int:
         def run_ort():
             session.run(None, feed)
 
-        times = {"frcnn fast path": [], "onnxruntime (torchvision export)": []}
-        fns = list(zip(times, (run_frcnn, run_ort)))
-        for i in range(args.runs + 1):
-            for name, fn in fns if i % 2 == 0 else fns[::-1]:
-                start = time.perf_counter()
-                fn()
-                if i:
-                    times[name].append(time.perf_counter() - start)
+        times = alternated({"frcnn fast path": run_frcnn, "onnxruntime (torchvision export)": run_ort}, args.runs)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {threads}, load {os.getloadavg()}; torchvision exported with the {how} exporter")
