@@ -16,8 +16,9 @@ Rows (each the checkpoint's config with, in memory only, the keys the row names)
   classification network's Linear layers (the tiny tail's two fully connected layers, the class score and box
   layers; int8 weights, activations quantized per call, in float32 outside autocast), alone and with bf16;
 - ``--quick``: the predictor ``frcnn eval --quick`` builds (:func:`frcnn.engine.fast_mode.quick_predictor`:
-  bf16 where native, the int8 tail and, on CPUs with VNNI, the int8 backbone head calibrated on the first 4
-  images of the first pass (which run its float head), at the checkpoint's own RoI count).
+  bf16 where native, the int8 tail and, on CPUs with VNNI, the backbone head and the RPN's 3x3 convolution in
+  static int8, calibrated on the first 4 images of the first pass (which run them in float), at the checkpoint's
+  own RoI count).
 
 Every row runs the fast inference path (``Predictor.from_checkpoint``'s default: BatchNorm folded, channels-last
 on AVX-512), one image per ``predict`` call, as ``frcnn eval`` does. mAP (VOC07, as ``frcnn eval``) and per-class AP
@@ -54,7 +55,7 @@ from frcnn.engine.fast_mode import (
     BF16_FLAGS,
     cpu_flags,
     native_bf16,
-    quantize_head,
+    quantize_convs,
     quantize_tail,
     quick_overrides,
     quick_predictor,
@@ -70,12 +71,13 @@ class Row:
     amp: str = "none"
     int8: bool = False
     quick: bool = False  # built by frcnn.engine.fast_mode.quick_predictor, as `frcnn eval --quick` does
-    int8_head: bool = False  # quick mode's int8 backbone head (where the CPU has VNNI)
+    int8_head: bool = False  # quick mode's int8 backbone head and RPN conv (where the CPU has VNNI)
 
     @property
     def name(self) -> str:
         if self.quick:
-            return f"--quick ({'bf16' if self.amp == 'bf16' else 'fp32'}{' + int8 head' if self.int8_head else ''}" \
+            convs = " + int8 head and RPN conv" if self.int8_head else ""
+            return f"--quick ({'bf16' if self.amp == 'bf16' else 'fp32'}{convs}" \
                    f"{' + int8 tail' if self.int8 else ''}, {self.rois} RoIs)"
         precision = {"none": "fp32", "bf16": "bf16"}[self.amp] + (" + int8 tail" if self.int8 else "")
         return f"{precision}, {self.rois} RoIs"
@@ -112,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
         sys.exit(f"{args.checkpoint}: TEST.AMP={default.amp}; this benchmark expects a float32 checkpoint")
     bf16 = native_bf16("cpu") or args.force_bf16
     quick = quick_overrides(ckpt.cfg, "cpu")["TEST"]
-    int8_head = quantize_head(load_model(args.checkpoint, "cpu")[0])  # does this CPU get quick mode's int8 head?
+    int8_head = quantize_convs(load_model(args.checkpoint, "cpu")[0])  # does this CPU get quick mode's int8 convs?
     quick_row = Row(default.rois, quick["AMP"], torch.backends.quantized.engine != "none", True, int8_head)
     rows = rows_for(default, bf16, not args.no_int8, quick_row)
     dataset = open_repaired(args.data, args.split, classes=ckpt.class_names)

@@ -1,6 +1,7 @@
 """NMS as the proposal layer calls it: only the first RPN_POST_NMS_TOP_N kept boxes are used (100 of the top 1000
 for the demo presets, 300 of the top 6000 at test, 2000 of the top 12000 in training). torchvision
-``nms(...)[:N]`` against frcnn ``nms(..., max_keep=N)`` on the proposal-like boxes of bench_nms.py: the same kept indices (checked), median of 9 alternated runs.
+``nms(...)[:N]`` against frcnn ``nms(..., max_keep=N)`` on the proposal-like boxes of bench_nms.py: the same kept
+indices (checked), median of 9 alternated runs.
 
     PYTHONPATH=src .venv/bin/python benchmarks/bench_nms_max_keep.py
 """
@@ -22,7 +23,8 @@ from bench_nms import rpn_like  # noqa: E402
 
 from frcnn.model.nms import nms  # noqa: E402
 
-CASES = ((1000, 100, 0.7), (6000, 300, 0.7), (12000, 2000, 0.7))  # (boxes, first kept, IoU): demo-cpu test, R50 test, training
+# (boxes, first kept, IoU): demo-cpu at test, R50 at test, training
+CASES = ((1000, 100, 0.7), (6000, 300, 0.7), (12000, 2000, 0.7))
 
 
 def first_kept(boxes: torch.Tensor, scores: torch.Tensor, t: float, keep: int) -> torch.Tensor:

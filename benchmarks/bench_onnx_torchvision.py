@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,7 +84,7 @@ def parts(runs: int) -> int:
         feed = {"x": x.numpy()}
         x_cl = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            times = alternated({"frcnn": lambda: module(x_cl), "onnxruntime": lambda: session.run(None, feed)}, runs)
+            times = alternated({"frcnn": partial(module, x_cl), "onnxruntime": partial(session.run, None, feed)}, runs)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"{name}: frcnn fast path {med['frcnn'] * 1e3:.0f} ms, onnxruntime {med['onnxruntime'] * 1e3:.0f} ms, "
               f"onnxruntime / frcnn {med['onnxruntime'] / med['frcnn']:.2f}x")

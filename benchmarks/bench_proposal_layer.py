@@ -19,6 +19,7 @@ import argparse
 import os
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -64,7 +65,8 @@ def main() -> None:
     m = machine_info()
     print(f"machine: {m['cpu']}, {m['capability']}, {m['cores']} cores, {args.threads} threads, torch {m['torch']}, "
           f"load {[round(x, 2) for x in os.getloadavg()]}")
-    print("| setting | anchors | top k | sort all ms | stable_top_k ms | ratio | layer before ms | layer now ms | ratio |")
+    print("| setting | anchors | top k | sort all ms | stable_top_k ms | ratio | layer before ms | layer now ms "
+          "| ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     g = torch.Generator().manual_seed(0)
     for name, h, w, stride, scales, pre, post in SETTINGS:
@@ -78,10 +80,10 @@ def main() -> None:
         rois, scores = proposal_layer(fg, deltas, anchors, sizes, pre, post, 0.7)
         ref_rois, ref_scores = before(fg, deltas, anchors, sizes, pre, post, 0.7)
         assert torch.equal(rois[:, 1:], ref_rois) and torch.equal(scores, ref_scores)
-        t = median_us({"sort": lambda: fg.sort(dim=1, descending=True, stable=True)[1][:, :k],
-                       "topk": lambda: stable_top_k(fg, k),
-                       "before": lambda: before(fg, deltas, anchors, sizes, pre, post, 0.7),
-                       "now": lambda: proposal_layer(fg, deltas, anchors, sizes, pre, post, 0.7)}, args.repeats)
+        args_ = (fg, deltas, anchors, sizes, pre, post, 0.7)
+        t = median_us({"sort": partial(torch.sort, fg, dim=1, descending=True, stable=True),
+                       "topk": partial(stable_top_k, fg, k),
+                       "before": partial(before, *args_), "now": partial(proposal_layer, *args_)}, args.repeats)
         print(f"| {name} | {n} | {k} | {t['sort'] / 1e3:.2f} | {t['topk'] / 1e3:.2f} | {t['sort'] / t['topk']:.1f}x | "
               f"{t['before'] / 1e3:.2f} | {t['now'] / 1e3:.2f} | {t['before'] / t['now']:.2f}x |")
 

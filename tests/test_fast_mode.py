@@ -16,11 +16,11 @@ from frcnn.config import config_to_dict, merge
 from frcnn.engine import fast_mode
 from frcnn.engine.checkpoint import save_checkpoint
 from frcnn.engine.fast_mode import (
+    CalibratedInt8,
     Float32,
-    Int8Head,
     describe,
     native_bf16,
-    quantize_head,
+    quantize_convs,
     quantize_tail,
     quick_overrides,
     quick_predictor,
@@ -218,14 +218,14 @@ def test_eval_and_detect_set_changes_test_keys_for_the_run_only(tmp_path, capsys
     assert _files(folder) == before
 
 
-INT8_HEAD = quantize_head(model())  # this machine quantizes heads: x86 engine, AVX-512 with VNNI
+INT8_HEAD = quantize_convs(model())  # this machine quantizes heads: x86 engine, AVX-512 with VNNI
 needs_int8_head = pytest.mark.skipif(not INT8_HEAD, reason="the int8 head needs an AVX-512 CPU with VNNI")
 
 
 @needs_int8_head
 def test_the_int8_head_runs_float_while_it_calibrates_then_int8_near_float():
     float_model, quantized = model(), model()
-    assert quantize_head(quantized, calibration=2) and isinstance(quantized.head, Int8Head)
+    assert quantize_convs(quantized, calibration=2) and isinstance(quantized.head, CalibratedInt8)
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(1, 3, 96, 128, generator=g) * 50 for _ in range(3)]
     with torch.no_grad():
@@ -239,12 +239,35 @@ def test_the_int8_head_runs_float_while_it_calibrates_then_int8_near_float():
     assert out.dtype == torch.float32 and out.shape == ref.shape
     error = float((out - ref).norm() / ref.norm())
     assert 0 < error < 0.1  # int8 ran, and stayed near float (measured ~0.02 on images, 0.06 on noise)
+    # the RPN's 3x3 convolution likewise, on the head's features (it counts calls: one per image here)
+    conv = quantized.rpn.rpn_net
+    assert isinstance(conv, CalibratedInt8) and conv.left == 2
+    with torch.no_grad():
+        features = [float_model.head(x) for x in xs]
+        for f in features[:2]:
+            torch.testing.assert_close(conv(f), float_model.rpn.rpn_net(f), rtol=1e-4, atol=1e-4)
+        assert conv.int8 is not None
+        ref, out = float_model.rpn.rpn_net(features[2]), conv(features[2])
+    assert 0 < float((out - ref).norm() / ref.norm()) < 0.1
+
+
+def test_the_rpn_conv_of_a_pyramid_calibrates_over_every_level_of_the_images():
+    from frcnn.config import load_config
+    from frcnn.model.detector import FasterRCNN
+
+    if not INT8_HEAD:
+        pytest.skip("the int8 head needs an AVX-512 CPU with VNNI")
+    torch.manual_seed(0)
+    net = FasterRCNN(load_config("scratch-cpu-fpn", ["DEVICE=cpu"]), 3, load_pretrained=False).eval()
+    assert quantize_convs(net, calibration=2)
+    assert net.strides == [4, 8, 16, 32]  # FEAT_STRIDE 16: P2..P4 and the RPN-only level
+    assert net.head.left == 2 and net.rpn.rpn_net.left == 2 * 4
 
 
 def test_the_int8_head_only_where_measured_and_not_for_a_few_images(monkeypatch, tmp_path):
     monkeypatch.setattr(fast_mode, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # no VNNI
     plain = model()
-    assert not quantize_head(plain) and not isinstance(plain.head, Int8Head)
+    assert not quantize_convs(plain) and not isinstance(plain.head, CalibratedInt8)
     monkeypatch.undo()
     if not INT8_HEAD:
         pytest.skip("the int8 head needs an AVX-512 CPU with VNNI")
@@ -252,8 +275,10 @@ def test_the_int8_head_only_where_measured_and_not_for_a_few_images(monkeypatch,
     lines = []
     few = quick_predictor(folder, "cpu", images=fast_mode.INT8_HEAD_MIN_IMAGES - 1, say=lines.append)
     many = quick_predictor(folder, "cpu", images=fast_mode.INT8_HEAD_MIN_IMAGES, say=lines.append)
-    assert not isinstance(few.model.head, Int8Head) and isinstance(many.model.head, Int8Head)
-    assert "backbone head in float" in lines[0] and "backbone head in int8 after 4 calibration images" in lines[1]
+    assert not isinstance(few.model.head, CalibratedInt8) and isinstance(many.model.head, CalibratedInt8)
+    assert "backbone head in float" in lines[0]
+    assert "backbone head and RPN conv in int8 after 4 calibration images" in lines[1]
+    assert isinstance(many.model.rpn.rpn_net, CalibratedInt8) and many.model.rpn.rpn_net.left == 4
     for _ in range(fast_mode.CALIBRATION_IMAGES + 1):
         detections = many.predict([picture()])[0]
     assert many.model.head.int8 is not None and detections.scores.dtype == torch.float32

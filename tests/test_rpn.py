@@ -196,8 +196,9 @@ def test_stable_top_k_with_nan_orders_like_the_sort():
 def test_proposals_of_the_top_k_path_equal_a_transcription_that_decodes_every_anchor():
     """The proposal layer decodes only its top RPN_PRE_NMS_TOP_N anchors; decoding all of them first (the
     write-up's order) and then picking gives the same rois and scores, exactly."""
-    from frcnn.boxes import bbox_transform_inv, clip_boxes, to_exclusive
     import torchvision
+
+    from frcnn.boxes import bbox_transform_inv, clip_boxes, to_exclusive
 
     g = torch.Generator().manual_seed(0)
     anchors = shift_anchors(generate_anchors(), 30, 40, 16)

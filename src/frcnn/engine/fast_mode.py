@@ -6,17 +6,17 @@ On top of the checkpoint's config, in memory (the checkpoint folder is only read
   AVX-512 and the ``avx512_bf16`` or ``amx_bf16`` instructions), else ``none`` (float32), since bf16 emulated on
   an AVX2 CPU is 5-100x slower (``benchmarks/results/precision.md``);
 - runs the classification network's Linear layers in dynamic int8 (:func:`quantize_tail`);
-- on CPUs with VNNI (AVX-512 with ``avx512_vnni`` or ``amx_int8``) runs the backbone head in static int8
-  (:class:`Int8Head`: its ranges observed on the first ``CALIBRATION_IMAGES`` images, which run its float head;
-  a command that will detect fewer than ``INT8_HEAD_MIN_IMAGES`` images keeps the float head, which is cheaper
-  then).
+- on CPUs with VNNI (AVX-512 with ``avx512_vnni`` or ``amx_int8``) runs the backbone head and the RPN's 3x3
+  convolution in static int8 (:func:`quantize_convs`: ranges observed on the first ``CALIBRATION_IMAGES``
+  images, which run them in float; a command that will detect fewer than ``INT8_HEAD_MIN_IMAGES`` images keeps
+  them float, which is cheaper then).
 
 It keeps the checkpoint's RoI count (``TEST.RPN_POST_NMS_TOP_N``: 100 for demo-cpu, 300 for the voc-* presets).
 On CUDA it changes nothing: bf16 and the int8 tail are CPU measures, and ``TEST.AMP`` stays the checkpoint's.
 
 The choice comes from the measured trade-off on BCCD test (``benchmarks/bench_fast_mode.py``, results in
 ``benchmarks/results/fast_mode.md``): bf16 and the int8 tail at the checkpoint's own 100 RoIs gave 1.58x at
--0.01 mAP points, the int8 head took it to 1.94x at -0.05 (all rows side by side, a shared machine); fewer than
+-0.01 mAP points, the int8 head and RPN convolution took it to 2.08x at -0.02 (rows side by side); fewer than
 100 RoIs (75, 50) lost more than 1 mAP point (small platelets)
 and 300 or 150 RoIs were no better than 100 on that model, so the RoI count is left to the checkpoint (capping
 the voc-* presets' 300 would cost accuracy nobody measured). :func:`quick_overrides` is the config policy,
@@ -74,7 +74,7 @@ def quick_overrides(cfg: Config, device: str | torch.device) -> dict[str, Any]:
 def describe(cfg: Config, overrides: dict[str, Any], device: str | torch.device, int8: bool,
              int8_head: int = 0) -> str:
     """One line saying what ``--quick`` changed on ``cfg`` (printed by the commands); ``int8_head``: the
-    calibration images of an :class:`Int8Head` (0: the head stays float)."""
+    calibration images of :func:`quantize_convs` (0: the head stays float)."""
     device = torch.device(device)
     if device.type != "cpu":
         return (f"quick mode: nothing to change on {device.type} (bf16/int8 are CPU measures); "
@@ -83,8 +83,8 @@ def describe(cfg: Config, overrides: dict[str, Any], device: str | torch.device,
     for key, value in overrides["TEST"].items():
         old = getattr(cfg.TEST, key)
         parts.append(f"TEST.{key}={value}" + (f" (was {old})" if old != value else " (unchanged)"))
-    parts.append(f"backbone head in int8 after {int8_head} calibration image{'s' if int8_head > 1 else ''} "
-                 "(run in float)" if int8_head else "backbone head in float")
+    parts.append(f"backbone head and RPN conv in int8 after {int8_head} calibration image"
+                 f"{'s' if int8_head > 1 else ''} (run in float)" if int8_head else "backbone head in float")
     parts.append("tail's Linear layers in int8" if int8 else "tail in float")
     if "AMP" in overrides["TEST"]:
         parts.append("this CPU has native bf16" if native_bf16(device)
@@ -113,14 +113,15 @@ INT8_HEAD_MIN_IMAGES = 16
 VNNI_FLAGS = ("avx512_vnni", "amx_int8")
 
 
-class Int8Head(nn.Module):
-    """The backbone head (every convolution before the RPN) in static int8, calibrated on its first calls.
+class CalibratedInt8(nn.Module):
+    """A convolutional module (the backbone head; the RPN's 3x3 convolution) in static int8, calibrated on its
+    first calls.
 
-    Its first ``calibration`` calls run ``head`` in float32 with observers on every activation
+    Its first ``calibration`` calls run the module in float32 with observers on every activation
     (``torch.ao.quantization.quantize_fx.prepare_fx``, x86 engine: per-channel symmetric int8 weights, uint8
     activations over their observed min..max, all 8 bits since VNNI needs no reduced range), so those images get
-    float32 results; after the last of them the head is converted (``convert_fx``) and every later call runs the
-    int8 kernels. Inputs and outputs are float32 outside autocast. Calibration sees pixels only (no boxes, no
+    float32 results; after the last of them it is converted (``convert_fx``) and every later call runs the int8
+    kernels. Inputs and outputs are float32 outside autocast. Calibration sees pixels only (no boxes, no
     labels): the images a command detects or evaluates, in the order it reads them. On BCCD test (demo-cpu, 4
     calibration images) min..max and the x86 default's histogram observers both scored within 0.05 mAP points of
     float; min..max calibrates in the time of a float32 pass (``benchmarks/results/fast_mode.md``)."""
@@ -153,11 +154,11 @@ def _quiet():
         yield
 
 
-def quantize_head(model: nn.Module, calibration: int = CALIBRATION_IMAGES) -> bool:
-    """Replace ``model.head`` by an :class:`Int8Head` calibrated on its first ``calibration`` calls; in place.
-    Only where int8 was measured to pay: a CPU model, x86 quantized engine, a CPU with VNNI (int8 dot products:
-    ``avx512_vnni`` or ``amx_int8``, at AVX-512). False, and the model unchanged, elsewhere or where the head
-    does not trace (``torch.fx``) or the API is gone."""
+def quantize_convs(model: nn.Module, calibration: int = CALIBRATION_IMAGES) -> bool:
+    """The backbone head and the RPN's 3x3 convolution as :class:`CalibratedInt8`, calibrated on the first
+    ``calibration`` images (the RPN convolution runs once per pyramid level); in place. Only where int8 was
+    measured to pay: a CPU model, x86 quantized engine, AVX-512 with VNNI (``avx512_vnni`` or ``amx_int8``).
+    False, and the model unchanged, elsewhere or where a module does not trace (``torch.fx``) or the API is gone."""
     if (next(model.parameters()).device.type != "cpu" or torch.backends.quantized.engine not in ("x86", "fbgemm")
             or not torch.backends.cpu.get_cpu_capability().startswith("AVX512") or not cpu_flags() & set(VNNI_FLAGS)):
         return False
@@ -171,14 +172,21 @@ def quantize_head(model: nn.Module, calibration: int = CALIBRATION_IMAGES) -> bo
             )
             from torch.ao.quantization.quantize_fx import prepare_fx
 
-            head = copy.deepcopy(model.head).float().to(memory_format=torch.contiguous_format).eval()
-            example = torch.zeros(1, 3, 64, 64, device=next(model.parameters()).device)
             qconfig = QConfig(activation=MinMaxObserver.with_args(reduce_range=False),  # VNNI: the full 8 bits
                               weight=default_per_channel_weight_observer)
-            observed = prepare_fx(head, get_default_qconfig_mapping("x86").set_global(qconfig), (example,))
-    except Exception:  # noqa: BLE001 - any tracing or API failure leaves the float head, said by the caller
+            qconfig_mapping = get_default_qconfig_mapping("x86").set_global(qconfig)
+            device = next(model.parameters()).device
+
+            def observed(module: nn.Module, channels: int) -> nn.Module:
+                module = copy.deepcopy(module).float().to(memory_format=torch.contiguous_format).eval()
+                return prepare_fx(module, qconfig_mapping, (torch.zeros(1, channels, 64, 64, device=device),))
+
+            head = observed(model.head, 3)
+            rpn_conv = observed(model.rpn.rpn_net, model.rpn.rpn_net.in_channels)
+    except Exception:  # noqa: BLE001 - any tracing or API failure leaves the float model, said by the caller
         return False
-    model.head = Int8Head(observed, calibration)
+    model.head = CalibratedInt8(head, calibration)
+    model.rpn.rpn_net = CalibratedInt8(rpn_conv, calibration * len(model.strides))
     return True
 
 
@@ -233,7 +241,7 @@ def quick_predictor(folder: str | Path, device: str | torch.device | None, fast:
         model = prepare_for_inference(model, inplace=True)
     int8 = quantize_tail(model)
     few = images is not None and images < INT8_HEAD_MIN_IMAGES
-    int8_head = CALIBRATION_IMAGES if not few and quantize_head(model) else 0
+    int8_head = CALIBRATION_IMAGES if not few and quantize_convs(model) else 0
     if say is not None and base is not None and quick is not None:
         say(describe(base, quick, device, int8, int8_head))
         if overrides:

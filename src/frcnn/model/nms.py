@@ -25,8 +25,9 @@ every float); NaN suppresses nothing. Areas below 2**-100 (2**-900 in float64) v
 Every op stays within ATen's parallel grain (32768 elements, for N < 16384) and avoids ops that parallelize
 below it (searchsorted, repeat_interleave, tril, floor, aminmax, 2-d index_put): on a busy machine an OpenMP
 region waits milliseconds for a descheduled thread (measured up to 30x slower with 2 threads). Other inputs go to
-torchvision unchanged: fewer than ``MIN_BOXES`` boxes (``MIN_BOXES_MAX_KEEP`` with ``max_keep``), non-CPU, not float32/float64, non-finite areas, t < 0
-or NaN, tracing/scripting/compiling, malformed arguments (so the errors are torchvision's).
+torchvision unchanged: fewer than ``MIN_BOXES`` boxes (``MIN_BOXES_MAX_KEEP`` with ``max_keep``), non-CPU, not
+float32/float64, non-finite areas, t < 0 or NaN, tracing/scripting/compiling, malformed arguments (so the errors
+are torchvision's).
 """
 
 from __future__ import annotations
