@@ -162,7 +162,7 @@ CASES = [
     ("config-wrong-type", "config.yaml", None, text(lambda t: t.replace("MAX_ITERS: 4", "MAX_ITERS: many")),
      r"TRAIN\.MAX_ITERS expects a number, got 'many'"),
     ("config-cut-short", "config.yaml", None, text(lambda t: t[: t.index("DEVICE: auto") + len("DEVICE: au")]),
-     r"cut short \(ends mid-line, no NUM_WORKERS and 1 more\)"),
+     r"cut short \(ends mid-line, no NUM_WORKERS and 2 more\)"),  # NUM_WORKERS, DIST_BACKEND, MEMORY_FORMAT
     ("config-aliases", "config.yaml", None,
      text(lambda t: "x: &a [1, 1]\ny: [*a, *a]\n" + t), r"not valid YAML \(an alias"),
     ("config-other-backbone", "config.yaml", "model.safetensors",

@@ -216,3 +216,11 @@ def test_fixed_blocks_out_of_range_is_refused(blocks):
 def test_feat_stride_the_backbone_cannot_give_is_refused(preset, stride):
     with pytest.raises(ConfigError, match=f"FEAT_STRIDE={stride} is not one of"):
         load_config(preset, [f"FEAT_STRIDE={stride}"])
+
+
+def test_an_unknown_key_suggests_the_close_ones_else_lists_every_key():
+    with pytest.raises(ConfigError, match=r"^unknown config key ANCHOR_COUNT \(did you mean ANCHOR_SCALES or "
+                                          r"ANCHOR_RATIOS\?\)$"):
+        load_config("demo-cpu", ["ANCHOR_COUNT=9"])
+    with pytest.raises(ConfigError, match=r"^unknown config key XYZ \(known: ANCHOR_RATIOS, .*, TRAIN\)$"):
+        load_config("demo-cpu", ["XYZ=1"])

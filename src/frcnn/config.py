@@ -11,6 +11,7 @@ Pixel order: frcnn reads images as RGB (Pillow), so ``PIXEL_MEANS`` is the refer
 
 from __future__ import annotations
 
+import difflib
 import math
 import reprlib
 import types
@@ -412,7 +413,9 @@ def merge(cfg: Any, updates: dict[str, Any], prefix: str = "") -> Any:
         full = f"{prefix}{key}"
         if key not in known:
             shown = full if full.isprintable() else repr(full)  # a key with a line break stays one line
-            raise ConfigError(f"unknown config key {shown} (known: {', '.join(sorted(known))})")
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"known: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown config key {shown} ({hint})")
         current = getattr(cfg, key)
         if is_dataclass(current):
             changes[key] = merge(current, value, prefix=f"{full}.")
