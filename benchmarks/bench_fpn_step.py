@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from frcnn.config import load_config  # noqa: E402
+from frcnn.engine.benchmark import alternated  # noqa: E402
 from frcnn.model.detector import FasterRCNN  # noqa: E402
 
 VARIANTS = {
@@ -45,18 +46,16 @@ def main() -> None:
     image, sizes = torch.randn(1, 3, 320, 427), torch.tensor([[320, 427]])
     gt = [torch.tensor([[10.0, 20, 50, 60], [150, 30, 250, 130], [300, 200, 400, 300]])]
     labels = [torch.tensor([1, 2, 3])]
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(args.rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            losses = model(image, sizes, gt, labels, torch.Generator().manual_seed(r))
-            sum(losses.values()).backward()
-            times[name].append(time.perf_counter() - start)
+    def step(model: FasterRCNN, generator: torch.Generator) -> None:
+        sum(model(image, sizes, gt, labels, generator).values()).backward()
+
+    times = alternated({name: partial(step, model, torch.Generator().manual_seed(0)) for name, model in models.items()},
+                       args.rounds - 1, warmup=1)
     print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), median of rounds 2..{args.rounds}")
-    base = statistics.median(times["scratch-cpu (C4)"][1:])
+    base = statistics.median(times["scratch-cpu (C4)"])
     for name, t in times.items():
-        m = statistics.median(t[1:])
+        m = statistics.median(t)
         print(f"{name:28s} {m:.3f} s/step  {m / base:.2f}x")
 
 

@@ -20,7 +20,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_torchvision as bt  # noqa: E402
 
 from frcnn.config import load_config  # noqa: E402
+from frcnn.engine.benchmark import alternated  # noqa: E402
 from frcnn.engine.fast import prepare_for_inference  # noqa: E402
 from frcnn.model.detector import FasterRCNN  # noqa: E402
 from frcnn.transforms import batch_images, prep_image  # noqa: E402
@@ -45,19 +45,6 @@ def export_torchvision(tv, image: torch.Tensor, path: Path) -> str:
         print(f"dynamo export failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); TorchScript exporter")
         torch.onnx.export(tv, ([image],), str(path), dynamo=False, opset_version=17)
         return "TorchScript, opset 17"
-
-
-def alternated(fns: dict, runs: int) -> dict[str, list[float]]:
-    """Times of each function over ``runs`` rounds after one warm-up round, the order reversed every round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    items = list(fns.items())
-    for i in range(runs + 1):
-        for name, fn in items if i % 2 == 0 else items[::-1]:
-            start = time.perf_counter()
-            fn()
-            if i:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def parts(runs: int) -> int:

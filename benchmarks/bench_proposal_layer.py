@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from functools import partial
 
 import torch
 
 from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive
-from frcnn.engine.benchmark import machine_info
+from frcnn.engine.benchmark import alternated, machine_info
 from frcnn.model.anchors import generate_anchors, shift_anchors
 from frcnn.model.nms import nms
 from frcnn.model.rpn import proposal_layer, stable_top_k
@@ -42,18 +41,6 @@ def before(fg, deltas, anchors, sizes, pre, post, thresh):
     order = fg[0].sort(descending=True, stable=True)[1][:pre]
     keep = nms(to_exclusive(boxes[order]), fg[0, order], nms_threshold(thresh, boxes.dtype), post)
     return boxes[order][keep], fg[0, order][keep]
-
-
-def median_us(fns: dict, repeats: int) -> dict:
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
 
 
 def main() -> None:
@@ -81,9 +68,10 @@ def main() -> None:
         ref_rois, ref_scores = before(fg, deltas, anchors, sizes, pre, post, 0.7)
         assert torch.equal(rois[:, 1:], ref_rois) and torch.equal(scores, ref_scores)
         args_ = (fg, deltas, anchors, sizes, pre, post, 0.7)
-        t = median_us({"sort": partial(torch.sort, fg, dim=1, descending=True, stable=True),
-                       "topk": partial(stable_top_k, fg, k),
-                       "before": partial(before, *args_), "now": partial(proposal_layer, *args_)}, args.repeats)
+        times = alternated({"sort": partial(torch.sort, fg, dim=1, descending=True, stable=True),
+                            "topk": partial(stable_top_k, fg, k),
+                            "before": partial(before, *args_), "now": partial(proposal_layer, *args_)}, args.repeats)
+        t = {name: statistics.median(v) * 1e6 for name, v in times.items()}
         print(f"| {name} | {n} | {k} | {t['sort'] / 1e3:.2f} | {t['topk'] / 1e3:.2f} | {t['sort'] / t['topk']:.1f}x | "
               f"{t['before'] / 1e3:.2f} | {t['now'] / 1e3:.2f} | {t['before'] / t['now']:.2f}x |")
 

@@ -90,3 +90,14 @@ def test_bad_benchmark_arguments_are_one_line(args, message, capsys):
     assert main(["benchmark", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_alternated_times_every_function_each_round_a_different_one_first():
+    from frcnn.engine.benchmark import alternated
+
+    calls: list[str] = []
+    times = alternated({name: (lambda n=name: calls.append(n)) for name in "abc"}, runs=4, warmup=2)
+    assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(t >= 0 for v in times.values() for t in v)
+    assert [calls[i] for i in range(0, 18, 3)] == ["a", "b", "c", "a", "b", "c"]  # who goes first, round by round
+    assert sorted(calls) == sorted("abc" * 6)

@@ -519,10 +519,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
         model = prepare_for_inference(model, inplace=True)
     if args.quick:
-        from frcnn.engine.fast_mode import describe, quantize_convs, quantize_tail
+        from frcnn.engine.fast_mode import CALIBRATION_IMAGES, describe, quantize_convs, quantize_tail
 
         float_model = copy.deepcopy(model)  # FLOPs and floor are the float network's (int8 layers count in neither)
-        calibration = max(1, min(args.warmup, 4))  # the warm-up runs calibrate the int8 head (if any)
+        calibration = max(1, min(args.warmup, CALIBRATION_IMAGES))  # the warm-up runs calibrate the int8 convs
         int8 = quantize_tail(model)
         print(describe(base, quick, device, int8, calibration if quantize_convs(model, calibration) else 0),
               file=sys.stderr)

@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -91,6 +92,21 @@ def median_time(fn, runs: int, warmup: int = 0) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def alternated(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each of ``fns`` over ``runs`` rounds after ``warmup`` untimed ones; every round calls each once,
+    a different one first each round (side-by-side ratios robust to a shared machine's load drifting)."""
+    items = list(fns.items())
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + runs):
+        k = i % len(items)
+        for name, fn in items[k:] + items[:k]:
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _layer_inputs(model: nn.Module, run) -> list[tuple[nn.Module, torch.Size]]:

@@ -48,8 +48,8 @@ def fold_batchnorm(model: nn.Module) -> int:
 def channels_last_pays(device: torch.device, memory_format: str = "auto") -> bool:
     """Whether to run the convolutions in channels-last on ``device`` (the config's ``MEMORY_FORMAT``):
     ``auto`` picks it on CPUs with AVX-512, where it measured faster (inference:
-    ``benchmarks/results/fast_path.md``; the R50-C4 training step: ``benchmarks/results/torchvision_r50c4.md``; the
-    tiny backbone's step is even or a few percent faster). Elsewhere (AVX2 CPUs, CUDA) it was not measured to win."""
+    ``benchmarks/results/fast_path.md``; the R50-C4 training step: ``benchmarks/results/torchvision_r50c4.md``).
+    Elsewhere (AVX2 CPUs, CUDA) it was not measured to win."""
     if memory_format != "auto":
         return memory_format == "channels_last"
     return device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512")

@@ -108,7 +108,8 @@ class Float32(nn.Module):
 #: images whose backbone-head activations set the int8 head's ranges (they run in float32 meanwhile)
 CALIBRATION_IMAGES = 4
 #: fewer images than this (``frcnn detect`` on a few files) keep the float head: a calibration image costs a
-#: float32 head pass (+22 ms on demo-cpu at 320 px vs bf16), an int8 image saves ~9 ms, so 4 pay back after ~10
+#: float32 head pass (demo-cpu at 320 px, 1 thread: 35.5 ms vs 19.2 in bf16), an int8 image saves ~9 ms (10.4 ms),
+#: so 4 pay back after ~7 (`frcnn benchmark --config CKPT --threads 1 [--quick]`, run by run: indicative)
 INT8_HEAD_MIN_IMAGES = 16
 VNNI_FLAGS = ("avx512_vnni", "amx_int8")
 
@@ -123,8 +124,8 @@ class CalibratedInt8(nn.Module):
     float32 results; after the last of them it is converted (``convert_fx``) and every later call runs the int8
     kernels. Inputs and outputs are float32 outside autocast. Calibration sees pixels only (no boxes, no
     labels): the images a command detects or evaluates, in the order it reads them. On BCCD test (demo-cpu, 4
-    calibration images) min..max and the x86 default's histogram observers both scored within 0.05 mAP points of
-    float; min..max calibrates in the time of a float32 pass (``benchmarks/results/fast_mode.md``)."""
+    calibration images) quick mode with it scored 0.02 mAP points under float (``benchmarks/results/fast_mode.md``);
+    min..max observers calibrate in about the time of a float32 pass."""
 
     def __init__(self, observed: nn.Module, calibration: int):
         super().__init__()
