@@ -9,8 +9,9 @@ path (``frcnn.engine.fast``). Median of alternated runs after one warm-up.
     PYTHONPATH=src .venv/bin/python benchmarks/bench_onnx_torchvision.py [--runs 5] [--parts]
 
 ``--parts``: where the difference is. The fast path's backbone head (conv1..layer3 on the 1x3x608x1008 input) and
-tail (layer4 on 300 RoIs of 1024x7x7), each alone, against the same module (BatchNorm folded) exported to ONNX
-and run by onnxruntime, random weights; median of alternated runs.
+its RoI pooling + tail (RoIAlign of 300 RoIs from the 1x1024x38x63 map, then layer4), each alone, against the
+same computation (BatchNorm folded; torchvision's ``roi_align``, the ONNX RoiAlign) exported to ONNX and run by
+onnxruntime, random weights; median of alternated runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torchvision.ops import roi_align
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_torchvision as bt  # noqa: E402
@@ -32,6 +34,7 @@ from frcnn.config import load_config  # noqa: E402
 from frcnn.engine.benchmark import alternated  # noqa: E402
 from frcnn.engine.fast import prepare_for_inference  # noqa: E402
 from frcnn.model.detector import FasterRCNN  # noqa: E402
+from frcnn.model.pooling import pool_rois  # noqa: E402
 from frcnn.transforms import batch_images, prep_image  # noqa: E402
 
 
@@ -47,31 +50,61 @@ def export_torchvision(tv, image: torch.Tensor, path: Path) -> str:
         return "TorchScript, opset 17"
 
 
+class PoolAndTail(torch.nn.Module):
+    """RoIAlign (torchvision's op, exported as ONNX RoiAlign) then the tail: the computation frcnn's fast path
+    rearranges (the tail's first 1x1 convolutions before pooling, ``frcnn.engine.fast.convolve_before_pooling``)."""
+
+    def __init__(self, tail: torch.nn.Module):
+        super().__init__()
+        self.tail = tail
+
+    def forward(self, features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        return self.tail(roi_align(features, rois, (7, 7), spatial_scale=1 / 16, sampling_ratio=0))
+
+
+def random_rois(count: int, h: int, w: int) -> torch.Tensor:
+    """``count`` RoIs of 32..400 px inside an h x w image (batch index 0)."""
+    g = torch.Generator().manual_seed(0)
+    wh = 32 + torch.rand(count, 2, generator=g) * 368
+    xy = torch.rand(count, 2, generator=g) * (torch.tensor([w, h]) - wh)
+    return torch.cat([torch.zeros(count, 1), xy, xy + wh - 1], 1)
+
+
 def parts(runs: int) -> int:
-    """The backbone head and the layer4 tail alone: frcnn's fast path (eager) vs onnxruntime on the same module."""
+    """The backbone head, and RoI pooling + the layer4 tail, alone: frcnn's fast path (eager) vs onnxruntime."""
     import onnxruntime as ort
 
     threads = torch.get_num_threads()
     torch.manual_seed(0)
-    cfg = load_config("voc-r50-c4", ["DEVICE=cpu"])
-    fast = prepare_for_inference(FasterRCNN(cfg, bt.NUM_CLASSES, load_pretrained=False).eval())
-    plain = prepare_for_inference(FasterRCNN(cfg, bt.NUM_CLASSES, load_pretrained=False).eval(), channels_last=False)
+    cfg = load_config("voc-r50-c4", ["DEVICE=cpu", "POOLING_MODE=align"])
+    model = FasterRCNN(cfg, bt.NUM_CLASSES, load_pretrained=False).eval()
+    fast = prepare_for_inference(model)
+    plain = prepare_for_inference(model, channels_last=False)
+    tail = prepare_for_inference(model.classifier.tail, channels_last=False)  # alone: folded, not rearranged
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {threads}, load {os.getloadavg()}")
-    for name, module, folded, shape in (("head (conv1..layer3)", fast.head, plain.head, (1, 3, 608, 1008)),
-                                        ("tail (layer4, 300 RoIs)", fast.classifier.tail, plain.classifier.tail,
-                                         (300, 1024, 7, 7))):
-        x = torch.randn(*shape)
+    image = torch.randn(1, 3, 608, 1008)
+    features, rois = torch.randn(1, 1024, 38, 63).relu(), random_rois(300, 608, 1008)
+    cl = torch.channels_last
+
+    def fast_pool_and_tail():
+        maps = fast.classifier.before_pooling(features.contiguous(memory_format=cl))
+        return fast.classifier.tail(pool_rois(maps, rois, "align", 7, 16))
+
+    for name, frcnn_fn, module, inputs in (
+            ("head (conv1..layer3)", partial(fast.head, image.contiguous(memory_format=cl)), plain.head, (image,)),
+            ("RoI pooling + tail (layer4, 300 RoIs)", fast_pool_and_tail, PoolAndTail(tail),
+             (features, rois))):
+        names = [f"x{i}" for i in range(len(inputs))]
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "part.onnx"
-            torch.onnx.export(folded, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"])
+            torch.onnx.export(module, inputs, str(path), dynamo=False, opset_version=17, input_names=names)
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {"x": x.numpy()}
-        x_cl = x.contiguous(memory_format=torch.channels_last)
+        feed = {k: v.numpy() for k, v in zip(names, inputs)}
         with torch.inference_mode():
-            times = alternated({"frcnn": partial(module, x_cl), "onnxruntime": partial(session.run, None, feed)}, runs)
+            times = alternated({"frcnn": frcnn_fn, "onnxruntime": partial(session.run, None, feed)}, runs)
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"{name}: frcnn fast path {med['frcnn'] * 1e3:.0f} ms, onnxruntime {med['onnxruntime'] * 1e3:.0f} ms, "
               f"onnxruntime / frcnn {med['onnxruntime'] / med['frcnn']:.2f}x")

@@ -3,6 +3,10 @@ a copy that leaves the trained model alone, and the same detections as the model
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +16,10 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 from frcnn.config import load_config
-from frcnn.engine.fast import fold_batchnorm, prepare_for_inference
+from frcnn.engine.fast import PooledBottleneck, fold_batchnorm, prepare_for_inference
 from frcnn.engine.inference import Predictor
 from frcnn.model.detector import FasterRCNN
+from frcnn.model.pooling import pool_rois
 from frcnn.model.trace import Trace
 
 
@@ -101,3 +106,79 @@ def test_prepare_in_place_rearranges_the_model_itself():
     net = model()
     assert prepare_for_inference(net, channels_last=False, inplace=True) is net
     assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+
+
+def _r50_rois(count: int, h: int, w: int) -> torch.Tensor:
+    """``count`` RoIs inside an h x w image (the proposal layer clips to it), some at its edges."""
+    g = torch.Generator().manual_seed(3)
+    xy = torch.rand(count, 2, generator=g) * torch.tensor([w - 2.0, h - 2.0])
+    wh = torch.rand(count, 2, generator=g) * torch.tensor([w / 1.5, h / 1.5]) + 1
+    x2y2 = torch.minimum(xy + wh, torch.tensor([w - 1.0, h - 1.0]))
+    rois = torch.cat([torch.zeros(count, 1), xy, x2y2], 1)
+    rois[0, 1:] = torch.tensor([0.0, 0.0, w - 1.0, h - 1.0])  # the whole image, every border
+    return rois
+
+
+@pytest.mark.parametrize("count", [8, 80])  # torchvision's roi_align and frcnn's gathers (roi_ops) both
+def test_the_tails_first_1x1_convolutions_commute_with_roi_align(count):
+    """With align pooling the fast path runs layer4's conv1 and downsample on the map, before pooling: the
+    classification network's outputs for the same RoIs equal those of the model as trained (BatchNorm live)."""
+    torch.manual_seed(0)
+    net = FasterRCNN(load_config("voc-r50-c4", ["POOLING_MODE=align"]), 3, load_pretrained=False).eval()
+    _randomise_statistics(net.classifier)
+    h, w = 96, 160
+    features = torch.randn(1, 1024, h // 16, w // 16).relu()
+    rois = _r50_rois(count, h, w)
+    with torch.no_grad():
+        expected = net.classifier(pool_rois(features, rois, "align", 7, 16))
+        fast = prepare_for_inference(net, channels_last=False)
+        assert isinstance(fast.classifier.tail[0][0], PooledBottleneck)
+        assert fast.classifier.before_pooling.out_channels == 512 + 2048
+        got = fast.classifier(pool_rois(fast.classifier.before_pooling(features), rois, "align", 7, 16))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+
+
+@pytest.mark.parametrize("preset, pooling", [("voc-r50-c4", "crop"), ("voc-r50-c4", "pool"), ("voc-r50-fpn", "align"),
+                                             ("demo-cpu", "align")])
+def test_max_pooling_and_mlp_tails_keep_their_convolutions_after_pooling(preset, pooling):
+    """Crop pooling's 2x2 max and roi_pool are not linear; FPN and tiny tails have no convolution to move."""
+    net = FasterRCNN(load_config(preset, [f"POOLING_MODE={pooling}"]), 3, load_pretrained=False).eval()
+    fast = prepare_for_inference(net, channels_last=False)
+    assert isinstance(fast.classifier.before_pooling, nn.Identity)
+    assert not any(isinstance(m, PooledBottleneck) for m in fast.modules())
+
+
+def test_reuse_freed_memory_serves_large_tensors_from_the_heap_and_reuses_them():
+    """glibc's own accounting (mallinfo2): by default a 64 MB tensor is its own mmap, unmapped on free; after
+    reuse_freed_memory none is mapped, and once the heap has grown to the work's size, allocating and freeing
+    such tensors again takes no new memory from the system."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's mallopt and mallinfo2 are Linux's")
+    code = textwrap.dedent("""
+        import ctypes, torch
+        from frcnn.engine.fast import reuse_freed_memory
+        class Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                        "fsmblks", "uordblks", "fordblks", "keepcost")]
+        libc = ctypes.CDLL(None)
+        libc.mallinfo2.restype = Info
+        def cycle():  # what one 64 MB tensor adds to the mapped and to the heap bytes while it lives
+            before = libc.mallinfo2()
+            t = torch.ones(1 << 24)
+            after = libc.mallinfo2()
+            del t
+            return after.hblkhd - before.hblkhd, after.arena - before.arena
+        mapped, heap = cycle()
+        print(mapped >= 64 << 20, heap < 1 << 20)
+        print(reuse_freed_memory())
+        grown = [cycle() for _ in range(12)]
+        print(all(m == 0 for m, _ in grown), sum(h for _, h in grown) >= 60 << 20, all(h == 0 for _, h in grown[6:]))
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    except subprocess.CalledProcessError as e:
+        if "mallinfo2" in e.stderr:
+            pytest.skip("this C library has no mallinfo2 (glibc < 2.33)")
+        raise
+    assert out.stdout.split() == ["True"] * 6

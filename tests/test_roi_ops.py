@@ -102,6 +102,23 @@ def test_two_worker_threads_give_the_same_result(mode, monkeypatch):
     torch.testing.assert_close(grad_two, grad_one, rtol=0, atol=1e-5)  # two gradient tables summed
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_two_worker_threads_under_the_callers_inference_mode(mode, monkeypatch):
+    """The output is made under the caller's inference_mode; the worker threads must write it in that mode
+    too (it is per thread: they failed with 'Inplace update to inference tensor outside InferenceMode')."""
+    features, rois, _ = _case(1, count=60)
+    reference, ours = MODES[mode]
+    monkeypatch.setattr(roi_ops, "CHUNK", 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out = ours(features, rois)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, reference(features, rois), rtol=0, atol=1e-5)
+
+
 def test_crop_without_max_pool_and_other_sampling_ratios():
     features, rois, _ = _case(2)
     torch.testing.assert_close(roi_ops.crop_pool(features, rois, 5, STRIDE, max_pool=False),

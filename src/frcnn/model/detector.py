@@ -149,7 +149,8 @@ class FasterRCNN(nn.Module):
         elif train:
             raise ValueError("training needs gt_boxes and gt_labels")
         with maybe_timed(trace, "roi_pooling"):  # exact: grid_sample, differentiable w.r.t. the rois
-            pooled = pool_pyramid(levels[:-1] if self.pyramid else levels, rois, cfg.POOLING_MODE, cfg.POOLING_SIZE,
+            maps = [self.classifier.before_pooling(f) for f in (levels[:-1] if self.pyramid else levels)]
+            pooled = pool_pyramid(maps, rois, cfg.POOLING_MODE, cfg.POOLING_SIZE,
                                   self.strides[:-1] if self.pyramid else self.strides)
         if trace is not None:
             trace.put("roi_pooling", rois=rois, crops=pooled, mode=cfg.POOLING_MODE, size=cfg.POOLING_SIZE)

@@ -37,6 +37,7 @@ The gradient flows to the features only: the RoIs are constants here (their weig
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -162,9 +163,12 @@ def _run_blocks(plan: _Plan, block) -> None:
             block(*chunk)
         return
     pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, "frcnn-roi"))
+    inference = torch.is_inference_mode_enabled()  # an output made under the caller's inference_mode can only
+    # be written in inference mode, and, like grad mode, inference mode is per thread
 
     def worker(k: int) -> None:
-        with torch.no_grad():  # grad mode is per thread: a worker's is on, unlike the autograd.Function's own
+        # grad mode is per thread: a worker's is on, unlike the autograd.Function's own
+        with torch.inference_mode() if inference else contextlib.nullcontext(), torch.no_grad():
             for chunk in chunks[k::threads]:
                 block(*chunk)
 
