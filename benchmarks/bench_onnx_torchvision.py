@@ -111,6 +111,18 @@ def parts(runs: int) -> int:
     return 0
 
 
+def same_detections(a, b) -> str:
+    """Issue 10's parity: same count, labels equal, boxes within 0.01 px, scores within 1e-4 (both lists in
+    score order); says how they differ otherwise."""
+    if len(a.scores) != len(b.scores):
+        return f"DIFFERENT: {len(a.scores)} vs {len(b.scores)} detections"
+    if not torch.equal(a.labels, b.labels):
+        return "DIFFERENT labels"
+    box, score = (a.boxes - b.boxes).abs().max().item(), (a.scores - b.scores).abs().max().item()
+    verdict = "identical" if box <= 0.01 and score <= 1e-4 else "DIFFERENT"
+    return f"{verdict}: {len(a.scores)} detections, labels equal, boxes within {box:.2g} px, scores within {score:.2g}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=5)
@@ -152,7 +164,10 @@ def main() -> int:
             session.run(None, feed)
 
         times = alternated({"frcnn fast path": run_frcnn, "onnxruntime (torchvision export)": run_ort}, args.runs)
+        with torch.no_grad():
+            same = same_detections(fast(fr_input, fr_sizes)[0], fr(fr_input, fr_sizes)[0])
     med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"fast path vs the model as trained: {same}")
     print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
           f"threads {threads}, load {os.getloadavg()}; torchvision exported with the {how} exporter")
     for k, v in med.items():

@@ -156,8 +156,12 @@ NOTES = """Differences between the two models found while matching them (none ch
 Where frcnn is faster now (2026-12-01): "frcnn" is the model as trained, with frcnn's own exact NMS
 (frcnn.model.nms: blocked greedy, stopping at RPN_POST_NMS_TOP_N) and RoIAlign on the CPU (frcnn.model.roi_ops:
 separable bilinear gathers, forward and backward); "frcnn fast" adds the inference path of frcnn.engine.fast
-(BatchNorm folded into the convolutions, channels-last on AVX-512 CPUs), the default of frcnn eval/detect.
-The verification above runs the model as trained. Earlier (2026-11-24, before those): time outside the
+(BatchNorm folded into the convolutions, channels-last on AVX-512 CPUs, align pooling's first tail convolutions
+on the map before pooling), the default of frcnn eval/detect. Since 2026-12-02 the fast path and frcnn train also
+keep freed memory for reuse (frcnn.engine.fast.reuse_freed_memory, benchmarks/results/memory_reuse.md): the
+setting is process-wide, so every row here, torchvision's too, runs with it (without it, as torchvision runs
+for its users, its inference took 5.30 s in the run of 2026-12-02 00:34). The verification above runs the model
+as trained. Earlier (2026-11-24, before those): time outside the
 network modules (proposal layer, RoIAlign, sampling, losses, post-processing; measured
 separately with forward hooks, median of 3): inference frcnn 240 ms vs torchvision 242 ms, training forward
 354 ms vs 360 ms. The convolutions (same modules, same weights) dominate both. torch.profiler over one

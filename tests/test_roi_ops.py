@@ -119,6 +119,22 @@ def test_two_worker_threads_under_the_callers_inference_mode(mode, monkeypatch):
     torch.testing.assert_close(out, reference(features, rois), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_channels_last_features_give_channels_last_crops_with_the_same_values_and_gradients(mode):
+    """A channels-last model's tail reads the crops without a conversion; values and gradients as NCHW's."""
+    features, rois, grad_out = _case(5, c=6, count=40)
+    reference, ours = MODES[mode]
+    cl = features.contiguous(memory_format=torch.channels_last)
+    (expected, got), (grad_expected, grad_got) = _both(lambda x: reference(x, rois),
+                                                       lambda x: ours(x.contiguous(memory_format=torch.channels_last),
+                                                                      rois), features, grad_out)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_got, grad_expected, rtol=0, atol=1e-5)
+    out = ours(cl, rois)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert ours(features, rois).is_contiguous()
+
+
 def test_crop_without_max_pool_and_other_sampling_ratios():
     features, rois, _ = _case(2)
     torch.testing.assert_close(roi_ops.crop_pool(features, rois, 5, STRIDE, max_pool=False),

@@ -41,7 +41,8 @@ def reuse_freed_memory() -> bool:
     the convolution writing it (R50-C4's head at 600x1000: a fifth of its time, ``benchmarks/results/
     onnx_torchvision.md``). With ``M_MMAP_MAX = 0`` every block comes from the heap, and with a high
     ``M_TRIM_THRESHOLD`` freed blocks stay there for reuse: the process keeps its peak memory until it exits
-    (up to ``TRIM_BYTES`` more). Process-wide; for inference commands, which do the same work image after image.
+    (up to ``TRIM_BYTES`` more). Process-wide: the fast path and ``frcnn train`` call it (both do the same work
+    again and again).
     Returns whether it took effect (False where the C library has no glibc ``mallopt``, e.g. macOS, Windows)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

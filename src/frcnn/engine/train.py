@@ -70,7 +70,7 @@ from frcnn.engine.checkpoint import (
     read_momentum,
     save_checkpoint,
 )
-from frcnn.engine.fast import channels_last_pays
+from frcnn.engine.fast import channels_last_pays, reuse_freed_memory
 from frcnn.engine.precision import Precision
 from frcnn.engine.tensorboard import TensorBoardLog, validation_images
 from frcnn.errors import ConfigError, FrcnnError
@@ -336,6 +336,7 @@ def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | N
            progress: bool, on_log: Callable[[dict], None] | None, val_dataset: DetectionDataset | None,
            eval_every: int, resolved: dict) -> FasterRCNN:
     device, main = world.device, world.is_main
+    reuse_freed_memory()  # every iteration allocates the same large tensors again: keep them (engine/fast.py)
     torch.manual_seed(cfg.RNG_SEED)
     classes = tuple(dataset.classes)
     model = FasterRCNN(cfg, len(classes), load_pretrained=snapshot is None).to(device)

@@ -184,16 +184,17 @@ class _Gather(torch.autograd.Function):
 
     Weighted bags are summed (RoIAlign, crop pooling; with 4 phases, crop's 2x2 max pooling follows as a max
     over the phases, first maximum winning like ``max_pool2d``); unweighted bags are maxed (RoIPool, first
-    maximum winning like torchvision). Each block's channels-last result is transposed into the output while
-    it is still in cache. Backward: each block's output gradient, back to channels-last, is added to the
+    maximum winning like torchvision). Each block's channels-last result is copied into the output while it is
+    still in cache: as it is when the output is to be channels-last (features that were), else transposed.
+    Backward: each block's output gradient, back to channels-last, is added to the
     table's rows the block read (``index_add_`` for sums, ``scatter_add_`` at the arg-max).
     """
 
     @staticmethod
-    def forward(ctx, table: Tensor, plan: _Plan) -> Tensor:
+    def forward(ctx, table: Tensor, plan: _Plan, channels_last: bool) -> Tensor:
         c = table.shape[1]
         p2 = plan.size * plan.size
-        out = table.new_empty((plan.rois, c, p2))
+        out = table.new_empty((plan.rois, p2, c) if channels_last else (plan.rois, c, p2))
         argmax = None
         if table.requires_grad and (plan.weight is None or plan.phases > 1):
             kind = torch.uint8 if plan.weight is not None else torch.int32
@@ -214,10 +215,12 @@ class _Gather(torch.autograd.Function):
                     pooled, where = pooled.view(n, plan.phases, p2, c).max(1)
                     if argmax is not None:
                         argmax[r0:r1] = where
-            out[r0:r1].copy_(pooled.view(n, p2, c).transpose(1, 2))
+            out[r0:r1].copy_(pooled.view(n, p2, c) if channels_last else pooled.view(n, p2, c).transpose(1, 2))
 
         _run_blocks(plan, block)
         ctx.plan, ctx.argmax, ctx.rows = plan, argmax, table.shape[0]
+        if channels_last:
+            return out.view(plan.rois, plan.size, plan.size, c).permute(0, 3, 1, 2)
         return out.view(plan.rois, c, plan.size, plan.size)
 
     @staticmethod
@@ -248,7 +251,7 @@ class _Gather(torch.autograd.Function):
             grad_table.index_add_(0, plan.index[e0:e1], rows[bag[e0:e1] - b0] * plan.weight[e0:e1, None])
 
         _run_blocks(plan, block)
-        return functools.reduce(torch.add, tables.values()), None
+        return functools.reduce(torch.add, tables.values()), None, None
 
 
 def _no_rois(features: Tensor, size: int) -> Tensor:
@@ -266,6 +269,12 @@ def _table(features: Tensor, dtype: torch.dtype) -> Tensor:
     return features.to(dtype).permute(0, 2, 3, 1).contiguous().view(n * h * w, c)
 
 
+def _channels_last(features: Tensor) -> bool:
+    """Whether ``features`` are laid out channels-last (and not also contiguous): the crops then are too, as a
+    convolution's output follows its input, and a channels-last tail reads them without a conversion."""
+    return features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
+
+
 def _compute_dtype(features: Tensor) -> torch.dtype:
     return features.dtype if features.dtype in (torch.float32, torch.float64) else torch.float32
 
@@ -281,7 +290,7 @@ def roi_align(features: Tensor, rois: Tensor, size: int, spatial_scale: float, s
     ybase, wy = _align_axis(y1, torch.clamp(y2 - y1, min=1.0), size, h, sampling_ratio)
     xbase, wx = _align_axis(x1, torch.clamp(x2 - x1, min=1.0), size, w, sampling_ratio)
     plan = _bags(rois[:, 0].long(), ybase[:, None], wy[:, None], xbase[:, None], wx[:, None], h, w)
-    return _Gather.apply(_table(features, dtype), plan).to(features.dtype)
+    return _Gather.apply(_table(features, dtype), plan, _channels_last(features)).to(features.dtype)
 
 
 def crop_theta(rois: Tensor, stride: int, h: int, w: int) -> Tensor:
@@ -314,7 +323,7 @@ def crop_pool(features: Tensor, rois: Tensor, size: int, stride: int, max_pool: 
     ybase, xbase = (t.view(r, size, a).transpose(1, 2) for t in (ybase, xbase))
     wy, wx = (t.view(r, size, a, -1).transpose(1, 2) for t in (wy, wx))
     plan = _bags(rois[:, 0].long(), ybase, wy, xbase, wx, h, w)
-    return _Gather.apply(_table(features, grid.dtype), plan).to(features.dtype)
+    return _Gather.apply(_table(features, grid.dtype), plan, _channels_last(features)).to(features.dtype)
 
 
 def roi_pool(features: Tensor, rois: Tensor, size: int, spatial_scale: float) -> Tensor:
@@ -328,7 +337,7 @@ def roi_pool(features: Tensor, rois: Tensor, size: int, spatial_scale: float) ->
     ylo, yhi = _pool_axis(y1, y2, size, h, rois.dtype)
     xlo, xhi = _pool_axis(x1, x2, size, w, rois.dtype)
     plan = _max_bags(rois[:, 0].long(), ylo, yhi, xlo, xhi, h, w)
-    return _Gather.apply(_table(features, _compute_dtype(features)), plan).to(features.dtype)
+    return _Gather.apply(_table(features, _compute_dtype(features)), plan, _channels_last(features)).to(features.dtype)
 
 
 def _pool_axis(start: Tensor, end: Tensor, p: int, size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
