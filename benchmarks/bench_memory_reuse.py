@@ -17,25 +17,14 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
 from frcnn.config import load_config
-from frcnn.engine.benchmark import random_rpn
+from frcnn.engine.benchmark import median_time, random_rpn
 from frcnn.engine.fast import prepare_for_inference, reuse_freed_memory
 from frcnn.engine.train import trains_channels_last
 from frcnn.model.detector import FasterRCNN
-
-
-def _median_time(fn, runs: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def child(reuse: bool, train: bool, runs: int) -> dict:
@@ -63,15 +52,15 @@ def child(reuse: bool, train: bool, runs: int) -> dict:
             sum(model(x, sizes, gt, labels, generator=g).values()).backward()
             opt.step()
 
-        out["train step"] = _median_time(step, runs)
+        out["train step"] = median_time(step, runs, warmup=1)
         return out
     fast = prepare_for_inference(model)
     layout = torch.channels_last if next(fast.head.parameters()).is_contiguous(
         memory_format=torch.channels_last) else torch.contiguous_format
     xl = x.contiguous(memory_format=layout)
     with torch.no_grad():
-        out["head"] = _median_time(lambda: fast.head(xl), runs)
-        out["image"] = _median_time(lambda: fast(x, sizes), runs)
+        out["head"] = median_time(lambda: fast.head(xl), runs, warmup=1)
+        out["image"] = median_time(lambda: fast(x, sizes), runs, warmup=1)
     return out
 
 
