@@ -11,7 +11,7 @@ from torch import nn
 
 from frcnn.cli import main
 from frcnn.config import load_config
-from frcnn.engine.benchmark import STAGES, random_rpn
+from frcnn.engine.benchmark import STAGES, floor_calls, random_rpn
 from frcnn.model.detector import FasterRCNN
 from frcnn.model.trace import Trace
 
@@ -45,7 +45,7 @@ def test_benchmark_times_every_stage_with_the_forced_roi_count(capsys):
     assert set(out["stages_ms"]) == set(STAGES)
     assert all(v >= 0 for v in out["stages_ms"].values()) and out["total_ms"] > 0
     assert out["rois"] == 40 and out["size"] == [96, 128]
-    assert out["floor_ms"] > 0 and out["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert out["floor_ms"] > 0 and out["floor_repeated_ms"] > 0 and out["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
     # the FLOPs are those of the convolutions and linear layers, counted independently on the same model
     cfg = load_config("demo-cpu", ["TEST.SCALES=[96]", "TEST.MAX_SIZE=128", "TEST.RPN_POST_NMS_TOP_N=40"])
     torch.manual_seed(0)
@@ -101,3 +101,17 @@ def test_alternated_times_every_function_each_round_a_different_one_first():
     assert all(t >= 0 for v in times.values() for t in v)
     assert [calls[i] for i in range(0, 18, 3)] == ["a", "b", "c", "a", "b", "c"]  # who goes first, round by round
     assert sorted(calls) == sorted("abc" * 6)
+
+
+def test_the_floor_calls_every_layer_once_on_the_shape_it_saw():
+    """The floor is timed a pass over these calls at a time, between whole-image runs: one call per (layer,
+    input shape), in whichever layout was faster, computing what the layer computes."""
+    torch.manual_seed(0)
+    conv, linear = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+    layers = [(conv, torch.Size([1, 3, 12, 16])), (conv, torch.Size([2, 3, 5, 7])), (linear, torch.Size([6, 8]))]
+    calls = floor_calls(layers, torch.device("cpu"), trials=1)
+    assert [tuple(c.args[0].shape) for c, _ in calls] == [(1, 3, 12, 16), (2, 3, 5, 7), (6, 8)]
+    assert all(t > 0 for _, t in calls)
+    for (call, _), (layer, _) in zip(calls, layers):
+        x = call.args[0].contiguous()
+        torch.testing.assert_close(call(), layer(x), rtol=1e-5, atol=1e-5)
