@@ -55,7 +55,7 @@ def _add_fast_arg(p: argparse.ArgumentParser) -> None:
                         "head and RPN conv in static int8 (calibrated on the first 4 images, which run in float); "
                         "the RoI count "
                         "(TEST.RPN_POST_NMS_TOP_N) stays the checkpoint's; on CUDA it changes nothing. "
-                        "2.08x faster, -0.02 mAP points on BCCD test (demo-cpu), benchmarks/results/fast_mode.md. "
+                        "2.02x faster, -0.02 mAP points on BCCD test (demo-cpu), benchmarks/results/fast_mode.md. "
                         "Works with or without --no-fast")
 
 

@@ -15,8 +15,8 @@ It keeps the checkpoint's RoI count (``TEST.RPN_POST_NMS_TOP_N``: 100 for demo-c
 On CUDA it changes nothing: bf16 and the int8 tail are CPU measures, and ``TEST.AMP`` stays the checkpoint's.
 
 The choice comes from the measured trade-off on BCCD test (``benchmarks/bench_fast_mode.py``, results in
-``benchmarks/results/fast_mode.md``): bf16 and the int8 tail at the checkpoint's own 100 RoIs gave 1.58x at
--0.01 mAP points, the int8 head and RPN convolution took it to 2.08x at -0.02 (rows side by side); fewer than
+``benchmarks/results/fast_mode.md``): bf16 and the int8 tail at the checkpoint's own 100 RoIs gave 1.59x at
+-0.01 mAP points, the int8 head and RPN convolution took it to 2.02x at -0.02 (rows side by side); fewer than
 100 RoIs (75, 50) lost more than 1 mAP point (small platelets)
 and 300 or 150 RoIs were no better than 100 on that model, so the RoI count is left to the checkpoint (capping
 the voc-* presets' 300 would cost accuracy nobody measured). :func:`quick_overrides` is the config policy,

@@ -33,7 +33,8 @@ losses are averaged over the processes; validation shards the images across them
 
 Memory layout (``MEMORY_FORMAT``): on CPUs where channels-last convolutions are faster (``auto``: AVX-512,
 :func:`frcnn.engine.fast.channels_last_pays`) ResNet and VGG models train in channels-last (the R50-C4 step
-went from 1.12x to 1.26x torchvision's speed, ``benchmarks/results/torchvision_r50c4.md``); ``tiny`` stays
+was 1.12x torchvision's speed in contiguous layout, 1.26x in the run that made it channels-last, 1.22x in the latest,
+``benchmarks/results/torchvision_r50c4.md``); ``tiny`` stays
 contiguous, so the demo's documented runs reproduce. The arithmetic is the same up to float rounding;
 checkpoints are stored contiguous.
 """
