@@ -149,6 +149,7 @@ class FasterRCNN(nn.Module):
         elif train:
             raise ValueError("training needs gt_boxes and gt_labels")
         with maybe_timed(trace, "roi_pooling"):  # exact: grid_sample, differentiable w.r.t. the rois
+            # before_pooling: an identity, unless the fast path moved the tail's first 1x1 convolutions there
             maps = [self.classifier.before_pooling(f) for f in (levels[:-1] if self.pyramid else levels)]
             pooled = pool_pyramid(maps, rois, cfg.POOLING_MODE, cfg.POOLING_SIZE,
                                   self.strides[:-1] if self.pyramid else self.strides)
