@@ -38,8 +38,8 @@ def reuse_freed_memory() -> bool:
 
     By default glibc serves each allocation over 32 MB (often less) with its own ``mmap`` and unmaps it on free;
     the next one of that size is fresh memory whose every 4 KB page faults on first write, a cost paid inside
-    the convolution writing it (R50-C4's head at 600x1000: a fifth of its time, ``benchmarks/results/
-    onnx_torchvision.md``). With ``M_MMAP_MAX = 0`` every block comes from the heap, and with a high
+    the convolution writing it (with the setting below, R50-C4's fast path at 600x1000 ran 1.22x faster:
+    ``benchmarks/results/memory_reuse.md``). With ``M_MMAP_MAX = 0`` every block comes from the heap, and with a high
     ``M_TRIM_THRESHOLD`` freed blocks stay there for reuse: the process keeps its peak memory until it exits
     (up to ``TRIM_BYTES`` more). Process-wide: the fast path and ``frcnn train`` call it (both do the same work
     again and again).
