@@ -24,7 +24,7 @@ from frcnn.engine.fast import prepare_for_inference
 from frcnn.engine.inference import Predictor
 from frcnn.engine.onnx_engine import OnnxPredictor
 from frcnn.model.detector import Detections, FasterRCNN
-from frcnn.model.pooling import roi_levels
+from frcnn.model.pooling import pool_rois, roi_levels
 from frcnn.model.trace import Trace
 
 # two pictures of different sizes: through TEST.SCALES they become network inputs of two different sizes
@@ -186,6 +186,24 @@ def test_every_pooling_mode_exports_with_parity(mode, tmp_path):
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert ("GridSample" if mode == "crop" else "MaxRoiPool") in ops
     _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), OnnxPredictor(path))
+
+
+def test_the_graph_pools_what_the_model_pools_after_before_pooling():
+    """The export graph runs the classifier's ``before_pooling`` on the map, as the model does (the fast path
+    fills it for align pooling of a ResNet C4 tail)."""
+    from frcnn.engine.export import DetectorGraph
+
+    model, cfg = _demo_model("align")
+    c = model.classifier.tail[1].in_features // cfg.POOLING_SIZE**2  # the pooled channels
+    torch.manual_seed(1)
+    model.classifier.before_pooling = torch.nn.Conv2d(c, c, 1)
+    features, proposals = torch.randn(1, c, 20, 30), torch.tensor([[0.0, 0, 100, 80], [40, 30, 300, 200]])
+    with torch.no_grad():
+        got = DetectorGraph(model).pool(features, proposals, cfg.FEAT_STRIDE)
+        rois = torch.cat((torch.zeros(2, 1), proposals), 1)
+        mapped = model.classifier.before_pooling(features)
+        expected = pool_rois(mapped, rois, "align", cfg.POOLING_SIZE, cfg.FEAT_STRIDE)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_no_detection_above_the_threshold_is_an_empty_result(tmp_path):

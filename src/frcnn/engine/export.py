@@ -202,8 +202,10 @@ class DetectorGraph(nn.Module):
 
     def pool(self, features: Tensor, proposals: Tensor, stride: int) -> Tensor:
         """RoI pooling (:func:`frcnn.model.pooling.pool_rois`) of ``proposals`` (R, 4) from one map at ``stride``,
-        in the config's POOLING_MODE: (R, C, POOLING_SIZE, POOLING_SIZE)."""
+        in the config's POOLING_MODE: (R, C, POOLING_SIZE, POOLING_SIZE). The map first goes through the
+        classifier's ``before_pooling``, as in the model (an identity unless the fast path filled it)."""
         size, mode = self.cfg.POOLING_SIZE, self.cfg.POOLING_MODE
+        features = self.classifier.before_pooling(features)
         rois = torch.cat((torch.zeros_like(proposals[:, :1]), proposals), dim=1)
         if mode == "crop":
             return crop_pool_one(features, proposals, size, stride)
