@@ -352,12 +352,14 @@ def test_two_processes_resolve_once_and_alike(voc, tmp_path):
 
 @needs_bccd
 def test_scratch_cpu_resolves_on_bccd_as_its_comment_says():
-    """The scratch-cpu preset on BCCD trainval (292 images, mirrored): 6 epochs = 6 x 584 = 3504 iterations, the step
-    at 4.5 epochs = 2628; its anchors are the demo's [2, 4, 8] (BCCD's cells of 27..127 px at 320)."""
+    """The scratch-cpu preset on BCCD trainval (292 images, mirrored): 12 epochs of 2 images an iteration = 12 x 584
+    / 2 = 3504 iterations, the step at 9 epochs = 2628; its anchors are the demo's [2, 4, 8] (BCCD's cells of
+    27..127 px at 320)."""
     from frcnn.data import open_repaired
 
     data = open_repaired(BCCD, "trainval")
     cfg, lines, _ = resolve_run_config(load_config("scratch-cpu"), data)
     assert (cfg.TRAIN.MAX_ITERS, cfg.TRAIN.STEPSIZE) == (3504, (2628,))
     assert cfg.ANCHOR_SCALES == (2, 4, 8)
-    assert any(line.startswith("schedule: 6 epochs of 584 images") for line in lines)
+    assert any(line.startswith("schedule: 12 epochs of 584 images (292 + mirrored), 2 images an iteration")
+               for line in lines)

@@ -233,5 +233,7 @@ def test_scratch_cpu_fpn_is_scratch_cpu_with_the_tiny_pyramid():
     assert pyramid_strides(fpn) == (4, 8, 16, 32)
     pyramid = (fpn.NECK, fpn.FEAT_STRIDE, fpn.ANCHOR_SCALES, fpn.FPN_CHANNELS, fpn.RPN_CHANNELS)
     assert pyramid == ("fpn", 16, (8.0,), 64, 64)
-    same = replace(fpn, NECK="none", FEAT_STRIDE=8, ANCHOR_SCALES="auto", FPN_CHANNELS=256, RPN_CHANNELS=128)
-    assert same == c4  # nothing else differs: the same recipe and budget
+    assert (fpn.TRAIN.MAX_EPOCHS, fpn.TRAIN.STEP_EPOCHS, fpn.TRAIN.IMS_PER_BATCH) == (6, (4.5,), 1)  # as measured
+    same = replace(fpn, NECK="none", FEAT_STRIDE=8, ANCHOR_SCALES="auto", FPN_CHANNELS=256, RPN_CHANNELS=128,
+                   TRAIN=replace(fpn.TRAIN, MAX_EPOCHS=12, STEP_EPOCHS=(9,), IMS_PER_BATCH=2))
+    assert same == c4  # nothing else differs: the same network recipe, scratch-cpu's earlier schedule
