@@ -65,8 +65,9 @@ then clipped to the image as frcnn's predictor clips. Resizing such a region by 
 
 ``--iters N`` sets TRAIN.MAX_ITERS and scales TRAIN.STEPSIZE by N / MAX_ITERS (unless ``--set TRAIN.STEPSIZE``);
 WARMUP_ITERS is kept. ``--set`` applies to both libraries; settings the torchvision side cannot follow are refused
-in one line (TRAIN.AMP / TEST.AMP other than none, ANCHOR_SCALES auto, TRAIN.MAX_EPOCHS) or stated in the results
-(see :func:`config_notes`).
+in one line (TEST.AMP other than none, TRAIN.MAX_EPOCHS with --iters) or stated in the results (see
+:func:`config_notes`). TRAIN.AMP applies to both: the torchvision model trains under frcnn's :class:`Precision`
+(the same autocast and optimizer step; ``auto`` resolved for the device as ``frcnn train`` resolves it).
 """
 
 from __future__ import annotations
@@ -173,8 +174,8 @@ def resolve_config(config: str, sets: list[str], iters: int | None) -> Config:
             max(1, round(s * iters / train.MAX_ITERS)) for s in train.STEPSIZE)
         cfg = merge(cfg, {"TRAIN": {"MAX_ITERS": iters, "STEPSIZE": list(steps)}})
     refused = []
-    if cfg.TRAIN.AMP != "none" or cfg.TEST.AMP != "none":
-        refused.append("TRAIN.AMP/TEST.AMP other than none (the torchvision side runs float32)")
+    if cfg.TEST.AMP != "none":
+        refused.append("TEST.AMP other than none (both sides test in float32)")
     if cfg.TRAIN.MAX_EPOCHS > 0 and iters is not None:
         refused.append("TRAIN.MAX_EPOCHS with --iters (give the budget once)")
     if refused:
@@ -344,6 +345,7 @@ def tv_training_batch(dataset, cfg: Config, entries, iteration: int, device) -> 
 def train_torchvision(cfg: Config, dataset, run_dir: Path, tag: str) -> tuple[TVFasterRCNN, dict]:
     """Train (module docstring) and return the model and ``{"loop_s", "train_s", "final_losses"}``."""
     from frcnn.engine.batches import TrainBatches, iteration_seed
+    from frcnn.engine.precision import Precision
     from frcnn.engine.train import build_optimizer, learning_rate
 
     started = time.perf_counter()
@@ -351,6 +353,7 @@ def train_torchvision(cfg: Config, dataset, run_dir: Path, tag: str) -> tuple[TV
     torch.manual_seed(cfg.RNG_SEED)  # initial weights (head and tail: frcnn's), then torchvision's samplers
     model = build_torchvision(cfg, len(dataset.classes)).to(device)
     optimizer = build_optimizer(model, cfg.TRAIN)
+    precision = Precision(cfg.TRAIN.AMP, device, "TRAIN.AMP")  # frcnn's autocast and step (auto: as frcnn train)
     order = TrainBatches(dataset, cfg)  # frcnn's (image, mirrored) sequence; its images are not loaded
     train = cfg.TRAIN
     log = open(run_dir / "metrics.jsonl", "w")  # noqa: SIM115 - closed below
@@ -367,14 +370,14 @@ def train_torchvision(cfg: Config, dataset, run_dir: Path, tag: str) -> tuple[TV
             scale = train.SCALES[int(torch.randint(len(train.SCALES), (1,), generator=g))]
             set_stage(model, cfg, True, scale)
             images, targets = tv_training_batch(dataset, cfg, order.entries(it), it, device)
-            losses = model(images, targets)
+            with precision.autocast():
+                losses = model(images, targets)
             total = sum(losses.values())
             if not torch.isfinite(total):
                 values = {k: round(float(v), 4) for k, v in losses.items()}
                 raise FrcnnError(f"torchvision {tag}: non-finite loss at iteration {it + 1}: {values}")
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
+            precision.backward_step(total, optimizer)
             for k, v in losses.items():
                 window[k] = window.get(k, 0.0) + float(v.detach())
             count += 1

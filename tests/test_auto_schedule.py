@@ -32,6 +32,7 @@ from frcnn.data.anchor_fit import (
 from frcnn.data.check import check_data, fit_samples
 from frcnn.data.sample import Sample
 from frcnn.data.synthetic import make_shapes_dataset
+from frcnn.engine import precision
 from frcnn.engine.checkpoint import read_checkpoint, read_config
 from frcnn.engine.train import epoch_schedule, learning_rate, resolve_run_config, train
 from frcnn.errors import ConfigError
@@ -239,6 +240,33 @@ def test_train_resolves_writes_the_run_config_and_agrees_with_check_data(voc, tm
     assert f"  {chosen}" in capsys.readouterr().out.splitlines()
     # the run folder is what eval needs: the resolved anchors build the model
     assert main(["eval", "--checkpoint", str(out), "--data", str(voc), "--split", "test", "--json"]) == 0
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_train_resolves_amp_auto_into_the_run_config(voc, tmp_path, capsys, monkeypatch, native):
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": native)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(voc), "--split", "trainval", "--out", str(out), "--no-progress", *TINY,
+                 "--set", "TRAIN.MAX_ITERS=4", "--set", "TRAIN.AMP=auto"]) == 0
+    mode = "bf16" if native else "none"
+    (line,) = _prefixed(capsys.readouterr().out, "precision: ")
+    assert line.startswith(f"TRAIN.AMP=auto -> {mode} (")
+    cfg = read_config(out / "config.yaml")
+    assert cfg.TRAIN.AMP == mode and read_checkpoint(out).meta["resolved"] == {"AMP": "auto"}
+    # resumed as given (auto) on the same machine: the same mode, no changed config
+    shutil.rmtree(out / "snapshots" / "iter_0000004")  # as if stopped after iteration 2
+    assert main(["train", "--data", str(voc), "--split", "trainval", "--out", str(out), "--no-progress", *TINY,
+                 "--set", "TRAIN.MAX_ITERS=4", "--set", "TRAIN.AMP=auto", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "changed config" not in printed and read_config(out / "config.yaml").TRAIN.AMP == mode
+    # resumed on a machine that resolves otherwise: chosen again there, and said as a changed config
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": not native)
+    shutil.rmtree(out / "snapshots" / "iter_0000004")
+    assert main(["train", "--data", str(voc), "--split", "trainval", "--out", str(out), "--no-progress", *TINY,
+                 "--set", "TRAIN.MAX_ITERS=4", "--set", "TRAIN.AMP=auto", "--resume"]) == 0
+    other = "none" if native else "bf16"
+    assert f"TRAIN.AMP: {mode} -> {other}" in capsys.readouterr().out
+    assert read_config(out / "config.yaml").TRAIN.AMP == other
 
 
 def test_check_data_json_carries_positives(voc, capsys):

@@ -85,6 +85,22 @@ def test_training_step_finite(cfg):
     assert dets[0].boxes.shape[1] == 4 and (dets[0].boxes[:, 2] <= 319).all()
 
 
+def test_torchvision_side_trains_under_frcnns_bf16_autocast(cfg):
+    from frcnn.engine.precision import Precision
+
+    torch.manual_seed(0)
+    tv = bench.build_torchvision(cfg, 3)
+    bench.set_stage(tv, cfg, True, 160)
+    boxes = torch.tensor([[10.0, 20.0, 99.0, 119.0]])
+    seen = []
+    hook = tv.backbone.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with Precision("bf16", "cpu").autocast():
+        losses = tv([torch.rand(3, 120, 160)], [{"boxes": bench.to_torchvision(boxes), "labels": torch.tensor([2])}])
+    hook.remove()
+    assert seen == [torch.bfloat16]  # the convolutions ran in bf16
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+
+
 class _OneImage:
     classes = ("a", "b", "c")
 
@@ -107,6 +123,7 @@ def test_config_handling():
     assert kept.TRAIN.STEPSIZE == (100,)
     with pytest.raises(ConfigError, match="once"):
         bench.resolve_config("demo-cpu", ["TRAIN.MAX_ITERS=10"], 20)
-    with pytest.raises(ConfigError, match="AMP"):
-        bench.resolve_config("demo-cpu", ["TRAIN.AMP=bf16"], None)
+    with pytest.raises(ConfigError, match="TEST.AMP"):
+        bench.resolve_config("demo-cpu", ["TEST.AMP=bf16"], None)
+    assert bench.resolve_config("demo-cpu", ["TRAIN.AMP=bf16"], None).TRAIN.AMP == "bf16"  # both sides follow it
     assert any("RoIAlign" in n for n in bench.config_notes(load_config("demo-cpu", ["POOLING_MODE=crop"])))

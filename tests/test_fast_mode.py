@@ -13,7 +13,7 @@ from torch import nn
 
 from frcnn.cli import main
 from frcnn.config import config_to_dict, merge
-from frcnn.engine import fast_mode
+from frcnn.engine import fast_mode, precision
 from frcnn.engine.checkpoint import save_checkpoint
 from frcnn.engine.fast_mode import (
     CalibratedInt8,
@@ -76,7 +76,7 @@ def test_quick_overrides_keep_the_rois_and_choose_bf16_only_where_the_cpu_has_it
 def test_native_bf16_needs_avx512_and_the_bf16_instructions(monkeypatch):
     cpu = torch.backends.cpu
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    monkeypatch.setattr(fast_mode, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     monkeypatch.setattr(cpu, "get_cpu_capability", lambda: "AVX512")
     assert native_bf16("cpu")
     assert not native_bf16(torch.device("cuda"))
@@ -85,9 +85,9 @@ def test_native_bf16_needs_avx512_and_the_bf16_instructions(monkeypatch):
     assert not native_bf16("cpu")
     monkeypatch.setattr(cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    monkeypatch.setattr(fast_mode, "cpu_flags", lambda: {"avx512f"})  # AVX-512 without bf16 (Skylake, Zen 3)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f"})  # AVX-512 without bf16 (Skylake, Zen 3)
     assert not native_bf16("cpu")
-    monkeypatch.setattr(fast_mode, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
     assert native_bf16("cpu")
 
 

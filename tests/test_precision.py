@@ -12,8 +12,9 @@ from test_overfit import TinySet
 
 from frcnn.boxes import bbox_transform, bbox_transform_inv, box_iou, clip_boxes
 from frcnn.config import load_config
+from frcnn.engine import precision
 from frcnn.engine.inference import Predictor
-from frcnn.engine.precision import Precision
+from frcnn.engine.precision import Precision, resolve_amp
 from frcnn.engine.train import build_optimizer, learning_rate
 from frcnn.errors import ConfigError
 from frcnn.model.anchor_target import anchor_target_layer
@@ -54,7 +55,29 @@ def test_config_amp_choices(key):
         assert (cfg.TRAIN if key.startswith("TRAIN") else cfg.TEST).AMP == mode
     with pytest.raises(ConfigError) as e:
         load_config("demo-cpu", [f"{key}=fp32"])
-    assert str(e.value) == f"{key}='fp32' is not one of none, fp16, bf16"
+    choices = "none, fp16, bf16, auto" if key == "TRAIN.AMP" else "none, fp16, bf16"
+    assert str(e.value) == f"{key}='fp32' is not one of {choices}"
+    if key == "TRAIN.AMP":  # auto: resolved by frcnn train for its device (below)
+        assert load_config("demo-cpu", ["TRAIN.AMP=auto"]).TRAIN.AMP == "auto"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_is_bf16_exactly_where_the_cpu_computes_it_natively(monkeypatch, native):
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": native)
+    mode, why = resolve_amp("auto", CPU)
+    assert mode == ("bf16" if native else "none")
+    assert why == ("this CPU computes bfloat16 natively" if native else
+                   f"no native bfloat16 on this CPU ({torch.backends.cpu.get_cpu_capability()}): float32")
+    assert Precision("auto", CPU).dtype == (BF16 if native else torch.float32)
+    for given in ("none", "bf16", "fp16"):  # anything but auto is the user's choice, kept
+        assert resolve_amp(given, CPU) == (given, "")
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_on_cuda_is_bf16_where_the_gpu_has_it_else_fp16(monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_amp("auto", torch.device("cuda", 0))[0] == ("bf16" if bf16 else "fp16")
+    assert resolve_amp("auto", torch.device("meta")) == ("none", "no mixed precision on meta")
 
 
 # ------------------------------------------------------------------------------------------- Precision

@@ -78,7 +78,9 @@ class TrainConfig:
     RPN_NMS_THRESH: float = 0.7
     RPN_PRE_NMS_TOP_N: int = 12000
     RPN_POST_NMS_TOP_N: int = 2000
-    # mixed precision: none | fp16 (CUDA, with a GradScaler) | bf16 (see frcnn.engine.precision)
+    # mixed precision: none | fp16 (CUDA, with a GradScaler) | bf16 | auto: bf16 where the device computes it
+    # natively (CPUs with avx512_bf16 or amx_bf16, Ampere+ GPUs), fp16 on older GPUs, else none; frcnn train writes
+    # the resolved mode into the run's config.yaml (see frcnn.engine.precision)
     AMP: str = "none"
 
 
@@ -139,7 +141,7 @@ class Config:
     def __post_init__(self) -> None:
         _check_choice("BACKBONE", self.BACKBONE, ("res50", "res101", "vgg16", "tiny"))
         _check_choice("POOLING_MODE", self.POOLING_MODE, ("crop", "align", "pool"))
-        _check_choice("TRAIN.AMP", self.TRAIN.AMP, AMP_MODES)
+        _check_choice("TRAIN.AMP", self.TRAIN.AMP, (*AMP_MODES, AUTO))
         _check_choice("TRAIN.LR_SCALING", self.TRAIN.LR_SCALING, ("none", "linear"))
         _check_choice("TRAIN.JOINT", self.TRAIN.JOINT, ("approximate", "exact"))
         if self.TRAIN.JOINT == "exact" and self.POOLING_MODE != "crop":

@@ -35,30 +35,7 @@ import torch
 from torch import nn
 
 from frcnn.config import Config
-
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
-    except OSError:
-        return set()
-
-
-def native_bf16(device: str | torch.device = "cpu") -> bool:
-    """True on a CPU where bf16 autocast runs natively: ``torch.backends.cpu.get_cpu_capability()`` is
-    AVX-512 (not limited by ``ATEN_CPU_CAPABILITY``) and the CPU has ``avx512_bf16`` or ``amx_bf16``
-    (PyTorch's own check where it has one, else ``/proc/cpuinfo``). False on any other device."""
-    if torch.device(device).type != "cpu":
-        return False
-    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return False
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    if check is not None and check():
-        return True
-    return bool(cpu_flags() & set(BF16_FLAGS))
+from frcnn.engine.precision import cpu_flags, native_bf16
 
 
 def quick_overrides(cfg: Config, device: str | torch.device) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Mixed precision (``TRAIN.AMP`` / ``TEST.AMP``): ``none``, ``fp16`` or ``bf16``.
+"""Mixed precision (``TRAIN.AMP`` / ``TEST.AMP``): ``none``, ``fp16`` or ``bf16``; ``TRAIN.AMP`` also ``auto``
+(:func:`resolve_amp`: bf16 where the device computes it natively, else float32 on a CPU).
 
 :class:`Precision` is all a training loop or a predictor needs::
 
@@ -26,10 +27,54 @@ from typing import Any
 
 import torch
 
-from frcnn.config import AMP_MODES
+from frcnn.config import AMP_MODES, AUTO
 from frcnn.errors import ConfigError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+#: the CPU instructions that make bf16 autocast native (PyTorch's AVX-512 kernels use them)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """True on a CPU where bf16 autocast runs natively: ``torch.backends.cpu.get_cpu_capability()`` is
+    AVX-512 (not limited by ``ATEN_CPU_CAPABILITY``) and the CPU has ``avx512_bf16`` or ``amx_bf16``
+    (PyTorch's own check where it has one, else ``/proc/cpuinfo``). False on any other device."""
+    if torch.device(device).type != "cpu":
+        return False
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if check is not None and check():
+        return True
+    return bool(cpu_flags() & set(BF16_FLAGS))
+
+
+def resolve_amp(mode: str, device: torch.device | str) -> tuple[str, str]:
+    """``TRAIN.AMP`` as a run on ``device`` uses it, and why: ``auto`` is ``bf16`` on a CPU with native bf16
+    (:func:`native_bf16`; a training step in 0.64x float32's time there, 11x slower where bf16 is emulated:
+    ``benchmarks/results/precision.md``) and ``none`` on any other CPU; on CUDA ``bf16`` where the GPU has it
+    (Ampere and later), else ``fp16`` with a GradScaler. Any other mode is returned as it is."""
+    if mode != AUTO:
+        return mode, ""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "this GPU computes bfloat16"
+        return "fp16", "this GPU has no bfloat16: float16 with loss scaling"
+    if device.type != "cpu":
+        return "none", f"no mixed precision on {device.type}"
+    if native_bf16(device):
+        return "bf16", "this CPU computes bfloat16 natively"
+    return "none", f"no native bfloat16 on this CPU ({torch.backends.cpu.get_cpu_capability()}): float32"
 
 
 class Precision:
@@ -40,6 +85,7 @@ class Precision:
 
     def __init__(self, mode: str, device: torch.device | str, key: str = "AMP"):
         device = torch.device(device)
+        mode = resolve_amp(mode, device)[0]
         if mode not in AMP_MODES:
             raise ConfigError(f"{key}={mode!r} is not one of {', '.join(AMP_MODES)}")
         if mode == "fp16" and device.type != "cuda":

@@ -18,7 +18,9 @@ Resolved before iteration 1 (:func:`resolve_run_config`, process 0 computes, eve
 ``TRAIN.MAX_EPOCHS > 0`` sets ``MAX_ITERS = ceil(MAX_EPOCHS x images an epoch / global batch)`` and ``STEPSIZE``
 from ``STEP_EPOCHS`` (rounded; empty: no step), an epoch being every image and, with ``USE_FLIPPED``, its mirrored
 copy (:mod:`frcnn.engine.batches`), the global batch ``processes x IMS_PER_BATCH``; ``ANCHOR_SCALES: auto`` becomes
-the list :func:`frcnn.data.anchor_fit.auto_anchor_fit` chooses from the training set (check-data's suggestion).
+the list :func:`frcnn.data.anchor_fit.auto_anchor_fit` chooses from the training set (check-data's suggestion);
+``TRAIN.AMP: auto`` the mixed precision this device computes natively (:func:`frcnn.engine.precision.resolve_amp`,
+resolved by every process, again on ``--resume``: a run moved to another machine says so if it changes).
 Each prints one line; the run's ``config.yaml`` (and every snapshot's) holds the resolved values, ``meta.json``
 what they were resolved from (``"resolved"``). ``--resume`` keeps the run's values: it does not resolve again
 unless ``MAX_EPOCHS`` or ``STEP_EPOCHS`` changed, and says so in one line when the training set (or the number of
@@ -72,7 +74,7 @@ from frcnn.engine.checkpoint import (
     save_checkpoint,
 )
 from frcnn.engine.fast import channels_last_pays, reuse_freed_memory
-from frcnn.engine.precision import Precision
+from frcnn.engine.precision import Precision, resolve_amp
 from frcnn.engine.tensorboard import TensorBoardLog, validation_images
 from frcnn.errors import ConfigError, FrcnnError
 from frcnn.model.detector import FasterRCNN
@@ -316,6 +318,11 @@ def train(
     try:
         cfg, lines, resolved = dist.on_main(world, lambda: resolve_run_config(cfg, dataset, world.size, snapshot),
                                             "resolving the schedule and anchors")
+        if cfg.TRAIN.AMP == AUTO:  # each process for its own device (all of one kind)
+            amp, why = resolve_amp(AUTO, world.device)
+            cfg = replace(cfg, TRAIN=replace(cfg.TRAIN, AMP=amp))
+            lines.append(f"precision: TRAIN.AMP=auto -> {amp} ({why})")
+            resolved["AMP"] = AUTO
         if world.is_main:
             for line in lines:
                 print(line)
