@@ -233,7 +233,10 @@ def test_scratch_cpu_fpn_is_scratch_cpu_with_the_tiny_pyramid():
     assert pyramid_strides(fpn) == (4, 8, 16, 32)
     pyramid = (fpn.NECK, fpn.FEAT_STRIDE, fpn.ANCHOR_SCALES, fpn.FPN_CHANNELS, fpn.RPN_CHANNELS)
     assert pyramid == ("fpn", 16, (8.0,), 64, 64)
-    assert (fpn.TRAIN.MAX_EPOCHS, fpn.TRAIN.STEP_EPOCHS, fpn.TRAIN.IMS_PER_BATCH) == (6, (4.5,), 1)  # as measured
+    train = fpn.TRAIN  # the schedule it was measured with
+    assert (train.MAX_EPOCHS, train.STEP_EPOCHS, train.IMS_PER_BATCH, train.LEARNING_RATE, train.AMP) == (
+        6, (4.5,), 1, 0.01, "none")
     same = replace(fpn, NECK="none", FEAT_STRIDE=8, ANCHOR_SCALES="auto", FPN_CHANNELS=256, RPN_CHANNELS=128,
-                   TRAIN=replace(fpn.TRAIN, MAX_EPOCHS=12, STEP_EPOCHS=(9,), IMS_PER_BATCH=2))
+                   TRAIN=replace(train, MAX_EPOCHS=20, STEP_EPOCHS=(15,), IMS_PER_BATCH=4, LEARNING_RATE=0.02,
+                                 AMP="auto"))
     assert same == c4  # nothing else differs: the same network recipe, scratch-cpu's earlier schedule

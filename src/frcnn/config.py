@@ -266,8 +266,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # CPU-sized: a small backbone trained from scratch at stride 8 (its shapes of 32 px would be 2 cells wide
     # at 16, and star/triangle, circle/square get confused), images of 320 px, anchors of 32..128 px.
-    # 32 RoIs per image and a single conv in the backbone's first stage make room for 3200 iterations in the
-    # demo's time: `frcnn demo` (seed 0) VOC07 mAP 0.9015 in 8 min 11 s on 2 cores.
+    # 32 RoIs per image and a single conv in the backbone's first stage make room for the iterations: 4800 in bf16
+    # autocast (TRAIN.AMP auto: where the CPU computes bf16 natively, a training step in 0.70x float32's time) in
+    # about the time 3200 took in float32. `frcnn demo` seeds 0, 1, 2 (benchmarks/results/scratch_cpu.md): VOC07
+    # mAP 0.9042, 0.9090, 0.8983 against 0.8946, 0.8895, 0.8922 for 3200 float32 iterations.
     "demo-cpu": {
         "BACKBONE": "tiny",
         "FEAT_STRIDE": 8,
@@ -276,17 +278,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "POOLING_MODE": "align",
         "PIXEL_STDS": [58.395, 57.12, 57.375],
         "TRAIN": {"SCALES": [320], "MAX_SIZE": 512, "LEARNING_RATE": 0.01, "WEIGHT_DECAY": 0.0001,
-                  "WARMUP_ITERS": 100, "STEPSIZE": [2400], "MAX_ITERS": 3200, "SNAPSHOT_ITERS": 500,
+                  "WARMUP_ITERS": 100, "STEPSIZE": [3600], "MAX_ITERS": 4800, "SNAPSHOT_ITERS": 500, "AMP": "auto",
                   "BATCH_SIZE": 32, "RPN_BATCHSIZE": 128, "RPN_PRE_NMS_TOP_N": 2000,
                   "RPN_POST_NMS_TOP_N": 300, "DISPLAY": 50, "BG_THRESH_LO": 0.0},
         "TEST": {"SCALES": [320], "MAX_SIZE": 512, "RPN_PRE_NMS_TOP_N": 1000, "RPN_POST_NMS_TOP_N": 100},
     },
     # Your own data, from scratch, on a CPU: demo-cpu's network and RoI counts with anchors chosen from the training
-    # set, 2 images an iteration and a schedule in epochs (12 passes over the images and their mirrored copies, x0.1
-    # after 9; BCCD trainval: 3504 iterations of 2 images). BCCD test, 3 seeds (benchmarks/results/scratch_cpu.md):
-    # 0.8886 against 0.8756 for 6 epochs of 1 image (half the time), RBC 0.808 against 0.782: BatchNorm sees two
-    # images. Measured and not kept: 14 epochs of 1 image and 128 RoIs, about 3x the time, mean 0.8850 over 2
-    # seeds; random crops with colour jitter lost 1.8 points and GroupNorm 1.4 (one seed each, 1 image a batch).
+    # set, 4 images an iteration (BatchNorm trains on the batch's statistics) at LR 0.02, bf16 autocast where the CPU
+    # has it (TRAIN.AMP auto: 0.65x float32's time a step) and a schedule in epochs (20 passes over the images and
+    # their mirrored copies, x0.1 after 15; BCCD trainval: 2920 iterations of 4 images). BCCD test, 3 seeds
+    # (benchmarks/results/scratch_cpu.md): 0.8968 (RBC 0.817) against 0.8886 (RBC 0.808) for 12 epochs of 2 images
+    # in float32 and 0.8756 for 6 epochs of 1 image. Measured and not kept: 14 epochs of 1 image and 128 RoIs,
+    # about 3x the time, mean 0.8850 over 2 seeds; random crops with colour jitter lost 1.8 points and GroupNorm 1.4
+    # (one seed each, 1 image a batch).
     "scratch-cpu": {
         "BACKBONE": "tiny",
         "FEAT_STRIDE": 8,
@@ -294,9 +298,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ANCHOR_SCALES": "auto",
         "POOLING_MODE": "align",
         "PIXEL_STDS": [58.395, 57.12, 57.375],
-        "TRAIN": {"SCALES": [320], "MAX_SIZE": 512, "LEARNING_RATE": 0.01, "WEIGHT_DECAY": 0.0001,
-                  "WARMUP_ITERS": 100, "MAX_EPOCHS": 12, "STEP_EPOCHS": [9], "IMS_PER_BATCH": 2,
-                  "SNAPSHOT_ITERS": 500,
+        "TRAIN": {"SCALES": [320], "MAX_SIZE": 512, "LEARNING_RATE": 0.02, "WEIGHT_DECAY": 0.0001,
+                  "WARMUP_ITERS": 100, "MAX_EPOCHS": 20, "STEP_EPOCHS": [15], "IMS_PER_BATCH": 4,
+                  "SNAPSHOT_ITERS": 500, "AMP": "auto",
                   "BATCH_SIZE": 32, "RPN_BATCHSIZE": 128, "RPN_PRE_NMS_TOP_N": 2000,
                   "RPN_POST_NMS_TOP_N": 300, "DISPLAY": 50, "BG_THRESH_LO": 0.0},
         "TEST": {"SCALES": [320], "MAX_SIZE": 512, "RPN_PRE_NMS_TOP_N": 1000, "RPN_POST_NMS_TOP_N": 100},
@@ -307,12 +311,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 # and P5 for the RPN, 64 channels (the RPN's too), one anchor size a level (8 x stride: 32..256 px at 320-px
 # images) x 3 ratios, so no anchor choice to make. 1.13x scratch-cpu's time a training step (128 channels:
 # 2.2x; benchmarks/bench_fpn_step.py). It keeps the schedule it was measured with, scratch-cpu's first (6 epochs
-# of 1 image): 3 seeds (benchmarks/results/fpn_cpu.md), BCCD VOC07 mAP 0.8841 against 0.8756 for C4 at that
-# budget (platelets 0.897 against 0.869); on the demo's shapes it loses (0.75-0.87 against 0.89).
+# of 1 image at LR 0.01, float32): 3 seeds (benchmarks/results/fpn_cpu.md), BCCD VOC07 mAP 0.8841 against 0.8756
+# for C4 at that budget (platelets 0.897 against 0.869); on the demo's shapes it loses (0.75-0.87 against 0.89).
 PRESETS["scratch-cpu-fpn"] = {
     **PRESETS["scratch-cpu"], "NECK": "fpn", "FEAT_STRIDE": 16, "ANCHOR_SCALES": [8], "FPN_CHANNELS": 64,
     "RPN_CHANNELS": 64,
-    "TRAIN": {**PRESETS["scratch-cpu"]["TRAIN"], "MAX_EPOCHS": 6, "STEP_EPOCHS": [4.5], "IMS_PER_BATCH": 1},
+    "TRAIN": {**PRESETS["scratch-cpu"]["TRAIN"], "MAX_EPOCHS": 6, "STEP_EPOCHS": [4.5], "IMS_PER_BATCH": 1,
+              "LEARNING_RATE": 0.01, "AMP": "none"},
 }
 
 
