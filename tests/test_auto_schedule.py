@@ -227,7 +227,7 @@ def test_train_resolves_writes_the_run_config_and_agrees_with_check_data(voc, tm
     ckpt = read_checkpoint(out)
     assert ckpt.iteration == 6 and ckpt.cfg == cfg
     assert ckpt.meta["resolved"] == {"schedule": {"images": 6, "images_per_epoch": 12, "global_batch": 1},
-                                     "ANCHOR_SCALES": "auto"}
+                                     "ANCHOR_SCALES": "auto", "AMP": "auto"}  # demo-cpu's TRAIN.AMP is auto
     for snap in (out / "snapshots").iterdir():  # every snapshot holds the resolved config too
         assert read_config(snap / "config.yaml") == cfg
     # check-data says the same in the same words, with the config as given or as resolved

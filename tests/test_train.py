@@ -16,7 +16,7 @@ from frcnn.engine.train import TrainingError, build_optimizer, learning_rate, tr
 from frcnn.model.detector import FasterRCNN
 
 FAST = ["TRAIN.SCALES=[96]", "TEST.SCALES=[96]", "TRAIN.DISPLAY=2", "TRAIN.WARMUP_ITERS=3", "DEVICE=cpu",
-        "TRAIN.STEPSIZE=[5]", "TRAIN.LEARNING_RATE=0.01"]
+        "TRAIN.STEPSIZE=[5]", "TRAIN.LEARNING_RATE=0.01", "TRAIN.AMP=none"]  # float32 (demo-cpu's auto may be bf16)
 
 
 def _cfg(*extra: str):
