@@ -285,7 +285,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Your own data, from scratch, on a CPU: demo-cpu's network and RoI counts with anchors chosen from the training
     # set, 4 images an iteration (BatchNorm trains on the batch's statistics) at LR 0.02, bf16 autocast where the CPU
-    # has it (TRAIN.AMP auto: 0.65x float32's time a step) and a schedule in epochs (20 passes over the images and
+    # has it (TRAIN.AMP auto: 0.65-0.70x float32's time a step) and a schedule in epochs (20 passes over the images and
     # their mirrored copies, x0.1 after 15; BCCD trainval: 2920 iterations of 4 images). BCCD test, 3 seeds
     # (benchmarks/results/scratch_cpu.md): 0.8968 (RBC 0.817) against 0.8886 (RBC 0.808) for 12 epochs of 2 images
     # in float32 and 0.8756 for 6 epochs of 1 image. Measured and not kept: 14 epochs of 1 image and 128 RoIs,
