@@ -36,7 +36,10 @@ def run_once(args: argparse.Namespace, mode: str, out: Path) -> float:
            "--set", f"TRAIN.MAX_ITERS={args.iters}", "--set", "TRAIN.STEPSIZE=[]",
            "--set", f"TRAIN.DISPLAY={args.skip}", "--set", f"TRAIN.SNAPSHOT_ITERS={args.iters}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)  # frcnn's own one-line errors reach stderr
+    if done.returncode != 0:
+        raise SystemExit(f"bench_train_amp: frcnn train --config {args.config} --set TRAIN.AMP={mode} failed "
+                         f"(exit {done.returncode}; its message is above)")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["time"] for r in records if "time" in r and r["iteration"] > args.skip]
     return sum(times) / len(times)  # windows of equal length (DISPLAY iterations each)

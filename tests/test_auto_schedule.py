@@ -267,6 +267,18 @@ def test_train_resolves_amp_auto_into_the_run_config(voc, tmp_path, capsys, monk
     other = "none" if native else "bf16"
     assert f"TRAIN.AMP: {mode} -> {other}" in capsys.readouterr().out
     assert read_config(out / "config.yaml").TRAIN.AMP == other
+    # resumed from the run's own config.yaml (frcnn train --resume without --config): auto chose the mode written
+    # there, so it chooses again here (a bf16 run moved to a CPU without it must not run emulated bf16)
+    monkeypatch.setattr(precision, "native_bf16", lambda device="cpu": native)
+    assert main(["train", "--data", str(voc), "--split", "trainval", "--out", str(out), "--no-progress",
+                 "--resume", "--set", "TRAIN.MAX_ITERS=6"]) == 0
+    printed = capsys.readouterr().out
+    assert f"TRAIN.AMP: {other} -> {mode}" in printed and f"precision: TRAIN.AMP=auto -> {mode}" in printed
+    assert read_config(out / "config.yaml").TRAIN.AMP == mode and read_checkpoint(out).iteration == 6
+    # an explicit mode on resume is the user's: kept
+    assert main(["train", "--data", str(voc), "--split", "trainval", "--out", str(out), "--no-progress",
+                 "--resume", "--set", "TRAIN.MAX_ITERS=8", "--set", f"TRAIN.AMP={other}"]) == 0
+    assert "precision: " not in capsys.readouterr().out and read_config(out / "config.yaml").TRAIN.AMP == other
 
 
 def test_check_data_json_carries_positives(voc, capsys):

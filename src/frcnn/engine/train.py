@@ -20,7 +20,8 @@ from ``STEP_EPOCHS`` (rounded; empty: no step), an epoch being every image and, 
 copy (:mod:`frcnn.engine.batches`), the global batch ``processes x IMS_PER_BATCH``; ``ANCHOR_SCALES: auto`` becomes
 the list :func:`frcnn.data.anchor_fit.auto_anchor_fit` chooses from the training set (check-data's suggestion);
 ``TRAIN.AMP: auto`` the mixed precision this device computes natively (:func:`frcnn.engine.precision.resolve_amp`,
-resolved by every process, again on ``--resume``: a run moved to another machine says so if it changes).
+resolved by every process, and again on ``--resume``, also from the run's own ``config.yaml``: a run moved to
+another machine says so if it changes).
 Each prints one line; the run's ``config.yaml`` (and every snapshot's) holds the resolved values, ``meta.json``
 what they were resolved from (``"resolved"``). ``--resume`` keeps the run's values: it does not resolve again
 unless ``MAX_EPOCHS`` or ``STEP_EPOCHS`` changed, and says so in one line when the training set (or the number of
@@ -205,7 +206,8 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
     lines: list[str] = []
     resolved: dict = {}
     before = _saved_resolved(snapshot) if snapshot is not None else {}
-    wanted = cfg.TRAIN.MAX_EPOCHS > 0 or cfg.ANCHOR_SCALES == AUTO or before.get("ANCHOR_SCALES") == AUTO
+    wanted = cfg.TRAIN.MAX_EPOCHS > 0 or cfg.ANCHOR_SCALES == AUTO or AUTO in (before.get("ANCHOR_SCALES"),
+                                                                             before.get("AMP"))
     saved = read_config(snapshot / CONFIG) if snapshot is not None and wanted else None
     train = cfg.TRAIN
     if train.MAX_EPOCHS > 0:
@@ -241,6 +243,8 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
         resolved["ANCHOR_SCALES"] = AUTO
     elif saved is not None and before.get("ANCHOR_SCALES") == AUTO and tuple(scales) == tuple(saved.ANCHOR_SCALES):
         resolved["ANCHOR_SCALES"] = AUTO  # the run's config.yaml holds the list auto chose: still auto's
+    if saved is not None and before.get("AMP") == AUTO and train.AMP == saved.TRAIN.AMP:
+        train = replace(train, AMP=AUTO)  # the mode auto chose on the run's machine: auto again on this one (train())
     return replace(cfg, TRAIN=train, ANCHOR_SCALES=scales), lines, resolved
 
 
