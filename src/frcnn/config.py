@@ -41,6 +41,9 @@ class TrainConfig:
     STEP_EPOCHS: tuple[float, ...] = ()
     WARMUP_ITERS: int = 0
     WARMUP_FACTOR: float = 1.0 / 3
+    # 0 = off; else the detector a run saves, validates and returns is an exponential moving average of the
+    # weights, this decay an iteration (ramped in; see frcnn.engine.ema)
+    EMA_DECAY: float = 0.0
     DOUBLE_BIAS: bool = True
     BIAS_DECAY: bool = False
     DISPLAY: int = 20
@@ -158,6 +161,8 @@ class Config:
         if len(self.TRAIN.COLOR_JITTER) != 4 or min(self.TRAIN.COLOR_JITTER) < 0 or self.TRAIN.COLOR_JITTER[3] > 0.5:
             raise ConfigError(f"TRAIN.COLOR_JITTER={list(self.TRAIN.COLOR_JITTER)} needs 4 amounts >= 0 (brightness, "
                               "contrast, saturation, hue; hue at most 0.5)")
+        if not 0 <= self.TRAIN.EMA_DECAY < 1:
+            raise ConfigError(f"TRAIN.EMA_DECAY={self.TRAIN.EMA_DECAY} must lie in [0, 1) (0 = off)")
         if not 0 <= self.TRAIN.RANDOM_CROP < 1:
             raise ConfigError(f"TRAIN.RANDOM_CROP={self.TRAIN.RANDOM_CROP} must lie in [0, 1) (0 = off)")
         if self.TRAIN.MAX_EPOCHS < 0 or any(e <= 0 for e in self.TRAIN.STEP_EPOCHS):

@@ -32,6 +32,7 @@ from frcnn.config import Config, choose_device, config_from_dict, config_to_dict
 from frcnn.errors import CheckpointError, ConfigError
 
 WEIGHTS, CONFIG, META, OPTIMIZER = "model.safetensors", "config.yaml", "meta.json", "optimizer.safetensors"
+TRAINING_WEIGHTS = "training_weights.safetensors"  # with TRAIN.EMA_DECAY: the weights SGD is at (frcnn.engine.ema)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -48,11 +49,15 @@ def save_checkpoint(
     iteration: int,
     optimizer: torch.optim.Optimizer | None = None,
     extra: dict[str, Any] | None = None,
+    training_model: torch.nn.Module | None = None,
 ) -> None:
-    """Write a checkpoint folder; ``extra`` (JSON values) goes into ``meta.json`` beside the class names."""
+    """Write a checkpoint folder; ``extra`` (JSON values) goes into ``meta.json`` beside the class names.
+    ``training_model``: the weights SGD is at when ``model`` is their average, for ``--resume``."""
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(folder / WEIGHTS, lambda p: save_file(state, str(p), metadata={"format": "frcnn"}))
+    for name, net in ((WEIGHTS, model), (TRAINING_WEIGHTS, training_model)):
+        if net is not None:
+            state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+            _atomic_write(folder / name, lambda p, s=state: save_file(s, str(p), metadata={"format": "frcnn"}))
     _atomic_write(folder / CONFIG, lambda p: p.write_text(dump_yaml(cfg)))
     meta = {"format": "frcnn-checkpoint", "version": __version__, "classes": list(class_names),
             "iteration": iteration, **(extra or {})}
@@ -155,6 +160,8 @@ def _read_meta(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: iteration must be a whole number >= 0, got {got}")
     if "world_size" in meta and not _whole_number(meta["world_size"], 1):
         raise CheckpointError(f"{path}: world_size must be a whole number >= 1, got {_short(meta['world_size'])}")
+    if "ema_updates" in meta and not _whole_number(meta["ema_updates"], 0):
+        raise CheckpointError(f"{path}: ema_updates must be a whole number >= 0, got {_short(meta['ema_updates'])}")
     scaler = meta.get("grad_scaler")
     if scaler is not None and not isinstance(scaler, dict):
         raise CheckpointError(f"{path}: grad_scaler must be an object, got {_kind(scaler)}")
@@ -281,6 +288,13 @@ def _model_state(cfg: Config, num_classes: int, config_path: Path) -> dict[str, 
         detail = str(e).splitlines()[0] if str(e) else ""
         raise CheckpointError(f"{config_path}: describes no model frcnn can build ({type(e).__name__}: "
                               f"{detail[:150]})") from None
+
+
+def read_training_weights(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The weights SGD was at in a snapshot of a run with ``TRAIN.EMA_DECAY`` (its ``model.safetensors`` holds
+    their average); None for a snapshot without them."""
+    path = folder / TRAINING_WEIGHTS
+    return _read_safetensors(path, "training weights") if path.is_file() else None
 
 
 def read_momentum(folder: Path) -> dict[str, torch.Tensor]:

@@ -64,6 +64,7 @@ from frcnn.engine.batches import Batch, DetectionDataset, TrainBatches, iteratio
 from frcnn.engine.checkpoint import (
     CONFIG,
     META,
+    TRAINING_WEIGHTS,
     WEIGHTS,
     latest_snapshot,
     load_momentum,
@@ -72,8 +73,10 @@ from frcnn.engine.checkpoint import (
     read_checkpoint,
     read_config,
     read_momentum,
+    read_training_weights,
     save_checkpoint,
 )
+from frcnn.engine.ema import WeightAverage
 from frcnn.engine.fast import channels_last_pays, reuse_freed_memory
 from frcnn.engine.precision import Precision, resolve_amp
 from frcnn.engine.tensorboard import TensorBoardLog, validation_images
@@ -358,10 +361,12 @@ def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | N
         dist.convert_sync_batchnorm(model)
     precision = Precision(cfg.TRAIN.AMP, device, "TRAIN.AMP")
     start = 0
+    what = f"the model this run trains (BACKBONE {cfg.BACKBONE}, NECK {cfg.NECK}, {len(classes)} classes)"
     if snapshot is not None:
         state = dist.on_main(world, lambda: _read_resume(snapshot, classes, world, cfg), "reading the snapshot")
-        load_weights(model, state["weights"], snapshot / WEIGHTS,
-                     f"the model this run trains (BACKBONE {cfg.BACKBONE}, NECK {cfg.NECK}, {len(classes)} classes)")
+        live = state["training_weights"]  # a run with EMA: model.safetensors holds the average
+        load_weights(model, state["weights"] if live is None else live,
+                     snapshot / (WEIGHTS if live is None else TRAINING_WEIGHTS), what)
         start = state["iteration"]
         precision.load_state_dict(state["grad_scaler"])
         if main:
@@ -375,6 +380,13 @@ def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | N
     optimizer = build_optimizer(model, cfg.TRAIN)
     if snapshot is not None:
         load_momentum(optimizer, state["momentum"], snapshot)
+    ema = None
+    if cfg.TRAIN.EMA_DECAY > 0:  # resumed from a snapshot without an average: it starts from the weights
+        resumed = snapshot is not None and state["training_weights"] is not None
+        ema = WeightAverage(model, cfg.TRAIN.EMA_DECAY, state["ema_updates"] if resumed else 0)
+        if resumed:
+            load_weights(ema.module, state["weights"], snapshot / WEIGHTS, what)
+    scored = model if ema is None else ema.module  # what is saved, validated and returned
     model.train()
     net = model
     if world.distributed:
@@ -416,6 +428,8 @@ def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | N
             optimizer.zero_grad(set_to_none=True)
             with dist.collective("the gradient all-reduce"):
                 precision.backward_step(total, optimizer)
+            if ema is not None:
+                ema.update(model)
             for k in LOSS_KEYS:
                 window[k] += losses[k].item()
             count += 1
@@ -432,25 +446,27 @@ def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | N
                 count, t0 = 0, now
             if main and (done % train_cfg.SNAPSHOT_ITERS == 0 or done == train_cfg.MAX_ITERS):
                 snap = out / "snapshots" / f"iter_{done:07d}"
-                save_checkpoint(snap, model, cfg, classes, done, optimizer,
+                save_checkpoint(snap, scored, cfg, classes, done, optimizer,
                                 extra={"world_size": world.size, "grad_scaler": precision.state_dict(),
-                                       **({"resolved": resolved} if resolved else {})})
+                                       **({"resolved": resolved} if resolved else {}),
+                                       **({"ema_updates": ema.updates} if ema is not None else {})},
+                                training_model=None if ema is None else model)
                 _publish(snap, out)
                 prune_snapshots(out / "snapshots", train_cfg.SNAPSHOT_KEPT)
                 last_snapshot = str(snap)
             if val_dataset is not None and eval_every > 0 and (done % eval_every == 0
                                                                or done == train_cfg.MAX_ITERS):
-                record = validate(model, cfg, classes, val_dataset, out / "eval", done, world)
+                record = validate(scored, cfg, classes, val_dataset, out / "eval", done, world)
                 if record is not None and board is not None:
                     emit(record)
-                    board.images(done, validation_images(model, cfg, classes, val_dataset))
+                    board.images(done, validation_images(scored, cfg, classes, val_dataset))
     finally:
         bar.close()
         if log is not None:
             log.close()
         if board is not None:
             board.close()
-    return model.eval()
+    return scored.eval()
 
 
 def _as_is(batch: Batch) -> Batch:
@@ -489,7 +505,8 @@ def _read_resume(snapshot: Path, classes: tuple[str, ...], world: dist.World, cf
                      f"{before * per} to {world.size * per} images, so iterations from {ckpt.iteration + 1} on "
                      "see other images than the original run would have")
     return {"weights": ckpt.weights, "momentum": read_momentum(snapshot), "iteration": ckpt.iteration,
-            "grad_scaler": meta.get("grad_scaler") or {}, "notes": notes, "changed": bool(changed)}
+            "grad_scaler": meta.get("grad_scaler") or {}, "notes": notes, "changed": bool(changed),
+            "training_weights": read_training_weights(snapshot), "ema_updates": int(meta.get("ema_updates", 0))}
 
 
 @contextmanager
