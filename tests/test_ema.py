@@ -92,3 +92,13 @@ def test_a_garbled_update_count_is_one_line(tmp_path):
     (tmp_path / "run" / "meta.json").write_text(json.dumps({**meta, "ema_updates": -3}))
     with pytest.raises(CheckpointError, match=r"meta.json: ema_updates must be a whole number >= 0, got -3"):
         read_checkpoint(tmp_path / "run")
+
+
+def test_resume_without_the_training_weights_is_one_line(tmp_path):
+    cfg = _cfg("TRAIN.MAX_ITERS=1", "TRAIN.EMA_DECAY=0.5")
+    train(cfg, TinySet(), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "snapshots" / "iter_0000001" / "training_weights.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"iter_0000001: no training_weights.safetensors to resume from"):
+        train(_cfg("TRAIN.MAX_ITERS=2", "TRAIN.EMA_DECAY=0.5"), TinySet(), tmp_path / "run", resume=True,
+              progress=False)
+    assert (tmp_path / "run" / "model.safetensors").is_file()  # the run's checkpoint is left as it was

@@ -80,7 +80,7 @@ from frcnn.engine.ema import WeightAverage
 from frcnn.engine.fast import channels_last_pays, reuse_freed_memory
 from frcnn.engine.precision import Precision, resolve_amp
 from frcnn.engine.tensorboard import TensorBoardLog, validation_images
-from frcnn.errors import ConfigError, FrcnnError
+from frcnn.errors import CheckpointError, ConfigError, FrcnnError
 from frcnn.model.detector import FasterRCNN
 from frcnn.transforms import image_to_tensor, prep_image
 
@@ -504,9 +504,13 @@ def _read_resume(snapshot: Path, classes: tuple[str, ...], world: dist.World, cf
         notes.append(f"resuming a run of {before} process(es) with {world.size}: the global batch goes from "
                      f"{before * per} to {world.size * per} images, so iterations from {ckpt.iteration + 1} on "
                      "see other images than the original run would have")
+    live = read_training_weights(snapshot)
+    if live is None and "ema_updates" in meta:  # its model.safetensors is an average, not where SGD stopped
+        raise CheckpointError(f"{snapshot}: no {TRAINING_WEIGHTS} to resume from (the snapshot of a run with "
+                              "TRAIN.EMA_DECAY keeps the weights SGD is at there)")
     return {"weights": ckpt.weights, "momentum": read_momentum(snapshot), "iteration": ckpt.iteration,
             "grad_scaler": meta.get("grad_scaler") or {}, "notes": notes, "changed": bool(changed),
-            "training_weights": read_training_weights(snapshot), "ema_updates": int(meta.get("ema_updates", 0))}
+            "training_weights": live, "ema_updates": int(meta.get("ema_updates", 0))}
 
 
 @contextmanager
