@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/bench_roi_pooling.py [--repeats 5] [--out benchmarks/results/roi_pooling.md]
 
-Settings: R50-C4 (300 RoIs, 1024 channels, 38x63 map at stride 16, POOLING_SIZE 7, crop sampled at 14) and
-demo-cpu (100 RoIs, 128 channels, the stride-8 map of a 320x320 image). RoIs: centres uniform over the image,
+Settings: R50-C4 (300 RoIs, 1024 channels, 38x63 map at stride 16, POOLING_SIZE 7, crop sampled at 14),
+demo-cpu (100 RoIs, 128 channels, the stride-8 map of a 320x320 image) and scratch-cpu's training batch (4 images of
+320x427, 64 RoIs each, 128 channels at stride 8; ``--settings scratch-cpu`` for it alone). RoIs: centres uniform over
+the image,
 sides log-uniform from 16 pixels to the image's size (clipped), like proposals. Each mode, forward and
 forward+backward, 2 threads and 1 thread, reference and frcnn timed alternately in one run: median ms, ratio.
 """
@@ -25,7 +27,8 @@ from frcnn.model import roi_ops
 from frcnn.model.pooling import crop_pool_grid_sample
 
 SETTINGS = {"R50-C4": dict(c=1024, h=38, w=63, stride=16, rois=300, image=(600, 1000)),
-            "demo-cpu": dict(c=128, h=40, w=40, stride=8, rois=100, image=(320, 320))}
+            "demo-cpu": dict(c=128, h=40, w=40, stride=8, rois=100, image=(320, 320)),
+            "scratch-cpu": dict(c=128, h=40, w=54, stride=8, rois=64, image=(320, 427), images=4)}
 
 
 def make_rois(count: int, image: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -62,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     args = parser.parse_args()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
@@ -81,11 +85,14 @@ def main() -> None:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     print("\n".join(lines), flush=True)
-    for name, st in SETTINGS.items():
+    for name in args.settings:
+        st = SETTINGS[name]
+        images = st.get("images", 1)
         g = torch.Generator().manual_seed(1)
-        features = torch.randn(1, st["c"], st["h"], st["w"], generator=g)
-        rois = make_rois(st["rois"], st["image"])
-        grad_out = torch.randn(st["rois"], st["c"], 7, 7, generator=g)
+        features = torch.randn(images, st["c"], st["h"], st["w"], generator=g)
+        rois = torch.cat([make_rois(st["rois"], st["image"], seed=i) + torch.tensor([float(i), 0, 0, 0, 0])
+                          for i in range(images)])
+        grad_out = torch.randn(rois.shape[0], st["c"], 7, 7, generator=g)
         for threads in (2, 1):
             torch.set_num_threads(threads)
             for mode, pair in implementations(7, st["stride"]).items():

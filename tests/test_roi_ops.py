@@ -169,3 +169,31 @@ def test_whole_map_roi_is_large_and_exact():
     for mode, (reference, ours) in MODES.items():
         torch.testing.assert_close(ours(features, rois), reference(features, rois), rtol=0,
                                    atol=0 if mode == "pool" else 1e-5)
+
+
+@pytest.mark.parametrize("mode", ["crop", "align"])
+def test_small_pooling_takes_the_gathers_only_when_training(mode, monkeypatch):
+    """Below MIN_ROI_CHANNELS (here 36 RoIs x 5 channels) inference keeps torchvision / grid_sample, while features
+    that carry a gradient take the gathers (whose backward is the fast one); either way the crops and the gradient
+    are the reference's to 1e-5."""
+    from frcnn.model import pooling
+
+    calls = []
+    for name in ("roi_align", "crop_pool"):
+        real = getattr(roi_ops, name)
+        monkeypatch.setattr(roi_ops, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+    features, rois, grad_out = _case(5)
+    assert rois.shape[0] * features.shape[1] < pooling.MIN_ROI_CHANNELS
+    with torch.no_grad():
+        torch.testing.assert_close(pool_rois(features, rois, mode, 7, STRIDE), MODES[mode][0](features, rois),
+                                   rtol=0, atol=1e-5)
+    assert calls == []
+    reference = features.clone().requires_grad_()
+    expected = MODES[mode][0](reference, rois)
+    expected.backward(grad_out)
+    x = features.clone().requires_grad_()
+    out = pool_rois(x, rois, mode, 7, STRIDE)
+    out.backward(grad_out)
+    assert calls == [1]
+    torch.testing.assert_close(out.detach(), expected.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(x.grad, reference.grad, rtol=0, atol=1e-5)

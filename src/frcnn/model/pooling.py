@@ -37,13 +37,18 @@ from torchvision.ops import roi_align, roi_pool
 
 from frcnn.model import roi_ops
 
-# Below this many RoI-channels the fixed cost of building the gathers (a few ms) loses to torchvision and
-# grid_sample (measured: 8-32 RoIs of 32-128 channels); R50-C4's 300 x 1024 and 128 x 1024 are far above.
+# Without a backward pass, below this many RoI-channels the fixed cost of building the gathers (a few ms) loses to
+# torchvision and grid_sample (measured: 8-32 RoIs of 32-128 channels); R50-C4's 300 x 1024 and 128 x 1024 are far
+# above. With one (training), the gathers win at any size: torchvision's roi_align backward recomputes every
+# sample's bilinear weights for each channel (demo-cpu's 32 RoIs x 128 channels: 4x; scratch-cpu's 4 x 64: 2.3x).
 MIN_ROI_CHANNELS = 65536
 
 
 def _gathers_win(features: Tensor, rois: Tensor) -> bool:
-    return features.device.type == "cpu" and rois.shape[0] * features.shape[1] >= MIN_ROI_CHANNELS
+    if features.device.type != "cpu":
+        return False
+    training = features.requires_grad and torch.is_grad_enabled()
+    return training or rois.shape[0] * features.shape[1] >= MIN_ROI_CHANNELS
 
 
 def _differentiable_rois(rois: Tensor) -> bool:
