@@ -11,6 +11,13 @@ to 2x from one session to the next).
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train_amp.py --config scratch-cpu \\
         --data ../shared/datasets/BCCD/BCCD --split trainval --threads 2 --rounds 2
 
+``--src DIR`` (repeatable) times the source tree ``DIR`` (``frcnn`` imported from it, e.g. a ``git worktree`` of an
+earlier commit) instead of the installed one; with two or more, the trees alternate like the modes, and the
+medians are also given as a ratio to the first tree's. ``--amp MODE`` times that mode alone.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/bench_train_amp.py --config scratch-cpu \
+        --data ../shared/datasets/BCCD/BCCD --amp bf16 --src /tmp/before/src --src src --threads 2 --rounds 3
+
 bf16 is native only on CPUs with avx512_bf16 or amx_bf16 (``frcnn.engine.precision.native_bf16``); elsewhere it is
 emulated and many times slower (``benchmarks/results/precision.md``).
 """
@@ -29,7 +36,7 @@ from pathlib import Path
 MODES = ("none", "bf16")
 
 
-def run_once(args: argparse.Namespace, mode: str, out: Path) -> float:
+def run_once(args: argparse.Namespace, mode: str, out: Path, src: str | None = None) -> float:
     """Mean seconds per iteration of one ``frcnn train`` run (iterations after ``--skip``)."""
     cmd = [sys.executable, "-m", "frcnn", "train", "--data", str(args.data), "--split", args.split,
            "--config", args.config, "--out", str(out), "--no-progress",
@@ -38,6 +45,8 @@ def run_once(args: argparse.Namespace, mode: str, out: Path) -> float:
            "--set", f"TRAIN.DISPLAY={args.skip}", "--set", f"TRAIN.SNAPSHOT_ITERS={args.iters}",
            *(x for kv in args.sets for x in ("--set", kv))]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join((str(Path(src).resolve()), env.get("PYTHONPATH", "")))
     done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)  # frcnn's own one-line errors reach stderr
     if done.returncode != 0:
         raise SystemExit(f"bench_train_amp: frcnn train --config {args.config} --set TRAIN.AMP={mode} failed "
@@ -58,20 +67,38 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="another config change for every run (repeatable), e.g. TRAIN.BATCH_SIZE=32")
+    p.add_argument("--src", action="append", default=[], metavar="DIR",
+                   help="time frcnn imported from this source tree (repeatable: the trees alternate)")
+    p.add_argument("--amp", choices=MODES, help="time this TRAIN.AMP mode only")
     args = p.parse_args(argv)
     if args.iters % args.skip or args.iters <= args.skip:
         p.error("--iters must be a multiple of --skip and larger")
-    results: dict[str, list[float]] = {mode: [] for mode in MODES}
+    missing = [d for d in args.src if not (Path(d) / "frcnn" / "__init__.py").is_file()]
+    if missing:
+        p.error(f"--src {missing[0]} holds no frcnn package (give the folder that contains frcnn/)")
+    modes = (args.amp,) if args.amp else MODES
+    runs = [(src, mode) for src in (args.src or [None]) for mode in modes]
+    results: dict[tuple, list[float]] = {run: [] for run in runs}
     name = " ".join([args.config, *(f"--set {kv}" for kv in args.sets)])
+
+    def label(src: str | None, mode: str) -> str:
+        return f"{'' if src is None else src + ' '}TRAIN.AMP={mode}"
+
     with tempfile.TemporaryDirectory() as work:
         for r in range(args.rounds):
-            for mode in (MODES if r % 2 == 0 else MODES[::-1]):
-                seconds = run_once(args, mode, Path(work) / f"{mode}_{r}")
-                results[mode].append(seconds)
-                print(f"round {r + 1} {name} TRAIN.AMP={mode}: {seconds:.4f} s/iteration", flush=True)
-    median = {mode: statistics.median(v) for mode, v in results.items()}
-    print(f"{name}, {args.threads} threads, median of {args.rounds} rounds: float32 {median['none']:.4f} "
-          f"s/iteration, bf16 {median['bf16']:.4f} (bf16 / float32 = {median['bf16'] / median['none']:.2f})")
+            for k, (src, mode) in enumerate(runs if r % 2 == 0 else runs[::-1]):
+                seconds = run_once(args, mode, Path(work) / f"{r}_{k}", src)
+                results[(src, mode)].append(seconds)
+                print(f"round {r + 1} {name} {label(src, mode)}: {seconds:.4f} s/iteration", flush=True)
+    median = {run: statistics.median(v) for run, v in results.items()}
+    for src in (args.src or [None]):
+        times = ", ".join(f"{'float32' if m == 'none' else m} {median[(src, m)]:.4f}" for m in modes)
+        ratio = f" (bf16 / float32 = {median[(src, 'bf16')] / median[(src, 'none')]:.2f})" if len(modes) == 2 else ""
+        where = "" if src is None else f" [{src}]"
+        print(f"{name}{where}, {args.threads} threads, median of {args.rounds} rounds: {times} s/iteration{ratio}")
+    for src in args.src[1:]:
+        for m in modes:
+            print(f"{label(src, m)} / {label(args.src[0], m)} = {median[(src, m)] / median[(args.src[0], m)]:.3f}")
     return 0
 
 
