@@ -12,7 +12,8 @@ from test_overfit import TinySet
 from frcnn.config import load_config
 from frcnn.engine.batches import TrainBatches, iteration_seed
 from frcnn.engine.checkpoint import read_checkpoint
-from frcnn.engine.train import TrainingError, build_optimizer, learning_rate, train
+from frcnn.engine.train import TrainingError, build_optimizer, epoch_schedule, learning_rate, train
+from frcnn.errors import ConfigError
 from frcnn.model.detector import FasterRCNN
 
 FAST = ["TRAIN.SCALES=[96]", "TEST.SCALES=[96]", "TRAIN.DISPLAY=2", "TRAIN.WARMUP_ITERS=3", "DEVICE=cpu",
@@ -185,6 +186,26 @@ def test_learning_rate_known_answers():
                            "TRAIN.WARMUP_FACTOR=0.2", "TRAIN.LR_SCALING=linear"]).TRAIN
     assert [learning_rate(w, i, world_size=2) for i in range(7)] == pytest.approx(
         [0.02 * 0.2, 0.02 * 0.36, 0.02 * 0.52, 0.002 * 0.68, 0.002 * 0.84, 0.002, 0.002])
+
+
+def test_cosine_learning_rate_known_answers():
+    """LR_SCHEDULE=cosine: 0.01 x (1 + cos(pi t / 100)) / 2, i.e. 0.01, 0.0085355 (t = 25: (1 + 1/sqrt 2) / 2), 0.005,
+    0.0014645, 0 at MAX_ITERS and after; STEPSIZE and GAMMA play no part; warm-up and linear scaling multiply it."""
+    t = load_config(None, ["TRAIN.LEARNING_RATE=0.01", "TRAIN.MAX_ITERS=100", "TRAIN.STEPSIZE=[10]",
+                           "TRAIN.LR_SCHEDULE=cosine"]).TRAIN
+    assert [learning_rate(t, i) for i in (0, 25, 50, 75, 100, 150)] == pytest.approx(
+        [0.01, 0.0085355339, 0.005, 0.0014644661, 0.0, 0.0], abs=1e-10)
+    w = load_config(None, ["TRAIN.LEARNING_RATE=0.01", "TRAIN.MAX_ITERS=100", "TRAIN.LR_SCHEDULE=cosine",
+                           "TRAIN.WARMUP_ITERS=50", "TRAIN.WARMUP_FACTOR=0.2", "TRAIN.LR_SCALING=linear"]).TRAIN
+    assert learning_rate(w, 25, world_size=2) == pytest.approx(0.02 * 0.8535533906 * 0.6)
+    with pytest.raises(ConfigError, match="TRAIN.LR_SCHEDULE"):
+        load_config(None, ["TRAIN.LR_SCHEDULE=poly"])
+
+
+def test_cosine_schedule_line_says_so():
+    t = load_config(None, ["TRAIN.MAX_EPOCHS=2", "TRAIN.STEP_EPOCHS=[1]", "TRAIN.LR_SCHEDULE=cosine"]).TRAIN
+    assert epoch_schedule(t, 10).line() == ("schedule: 2 epochs of 20 images (10 + mirrored), 1 image an iteration = "
+                                            "40 iterations, cosine LR to 0 (TRAIN.STEP_EPOCHS unused)")
 
 
 def test_memory_format_sets_the_training_layout_not_the_weights(tmp_path):

@@ -41,6 +41,8 @@ class TrainConfig:
     STEP_EPOCHS: tuple[float, ...] = ()
     WARMUP_ITERS: int = 0
     WARMUP_FACTOR: float = 1.0 / 3
+    # step: x GAMMA at each of STEPSIZE; cosine: half a cosine from LEARNING_RATE to 0 at MAX_ITERS (STEPSIZE unused)
+    LR_SCHEDULE: str = "step"
     # 0 = off; else the detector a run saves, validates and returns is an exponential moving average of the
     # weights, this decay an iteration (ramped in; see frcnn.engine.ema)
     EMA_DECAY: float = 0.0
@@ -146,6 +148,7 @@ class Config:
         _check_choice("POOLING_MODE", self.POOLING_MODE, ("crop", "align", "pool"))
         _check_choice("TRAIN.AMP", self.TRAIN.AMP, (*AMP_MODES, AUTO))
         _check_choice("TRAIN.LR_SCALING", self.TRAIN.LR_SCALING, ("none", "linear"))
+        _check_choice("TRAIN.LR_SCHEDULE", self.TRAIN.LR_SCHEDULE, ("step", "cosine"))
         _check_choice("TRAIN.JOINT", self.TRAIN.JOINT, ("approximate", "exact"))
         if self.TRAIN.JOINT == "exact" and self.POOLING_MODE != "crop":
             raise ConfigError(f"TRAIN.JOINT=exact needs POOLING_MODE=crop (got {self.POOLING_MODE}): only crop "

@@ -1,7 +1,8 @@
 """Approximate joint training in one step: SGD on the sum of the RPN and classification losses.
 
 The learning rate follows the reference schedule (``LEARNING_RATE`` times ``GAMMA`` after each of
-``STEPSIZE``), with an optional linear warm-up; biases get twice the rate and no weight decay when
+``STEPSIZE``) or, with ``LR_SCHEDULE: cosine``, half a cosine from ``LEARNING_RATE`` to 0 at ``MAX_ITERS``
+(``STEPSIZE`` unused), with an optional linear warm-up; biases get twice the rate and no weight decay when
 ``DOUBLE_BIAS`` (and not ``BIAS_DECAY``). Every ``SNAPSHOT_ITERS`` a snapshot is written; every
 ``DISPLAY`` iterations one JSON line of mean losses, learning rate and timing goes to ``metrics.jsonl``.
 
@@ -93,11 +94,14 @@ class TrainingError(FrcnnError):
 
 
 def learning_rate(train: TrainConfig, iteration: int, world_size: int = 1) -> float:
-    """The rate of ``iteration``: step schedule, warm-up, and with ``LR_SCALING: linear`` the linear scaling
+    """The rate of ``iteration``: step or cosine schedule, warm-up, and with ``LR_SCALING: linear`` the linear scaling
     rule (Goyal et al. 2017): ``LEARNING_RATE`` is the rate of one process's batch, ``world_size`` processes
     use ``world_size`` times it."""
     base = train.LEARNING_RATE * (world_size if train.LR_SCALING == "linear" else 1)
-    lr = base * train.GAMMA ** sum(iteration >= s for s in train.STEPSIZE)
+    if train.LR_SCHEDULE == "cosine":
+        lr = base * 0.5 * (1 + math.cos(math.pi * min(iteration, train.MAX_ITERS) / train.MAX_ITERS))
+    else:
+        lr = base * train.GAMMA ** sum(iteration >= s for s in train.STEPSIZE)
     if iteration < train.WARMUP_ITERS:
         alpha = iteration / train.WARMUP_ITERS
         lr *= train.WARMUP_FACTOR * (1 - alpha) + alpha
@@ -137,6 +141,7 @@ class Schedule:
     max_iters: int
     steps: tuple[int, ...]
     gamma: float = 0.1
+    cosine: bool = False  # TRAIN.LR_SCHEDULE=cosine: the steps are unused
 
     @property
     def per_epoch(self) -> int:
@@ -153,7 +158,9 @@ class Schedule:
     def line(self) -> str:
         """``schedule: 24 epochs of 584 images (292 + mirrored), 2 images an iteration = 7008 iterations, LR x0.1
         at 5256``."""
-        if self.steps:
+        if self.cosine:
+            lr = "cosine LR to 0" + (" (TRAIN.STEP_EPOCHS unused)" if self.steps else "")
+        elif self.steps:
             steps = ", ".join(f"{s} (epoch {e:g})" for s, e in zip(self.steps, self.step_epochs))
             lr = f"LR x{self.gamma:g} at {steps}"
         else:
@@ -183,7 +190,7 @@ def epoch_schedule(train: TrainConfig, num_images: int, world_size: int = 1) -> 
     max_iters = max(1, math.ceil(_whole(train.MAX_EPOCHS * per_iteration)))
     steps = tuple(math.floor(_whole(e * per_iteration) + 0.5) for e in train.STEP_EPOCHS)
     return Schedule(train.MAX_EPOCHS, tuple(train.STEP_EPOCHS), num_images, copies, batch, world_size, max_iters,
-                    steps, train.GAMMA)
+                    steps, train.GAMMA, train.LR_SCHEDULE == "cosine")
 
 
 def _saved_resolved(snapshot: Path) -> dict:
