@@ -300,8 +300,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # BCCD test, 3 seeds (benchmarks/results/scratch_cpu.md): 0.9033 (RBC 0.819), torchvision at the same budget
     # 0.8992; 32 RoIs over 20 epochs (about the same time) gave 0.8975, with weight decay 1e-4 0.8968, 12 epochs of
     # 2 images in float32 0.8886, 6 epochs of 1 image 0.8756. Measured and not kept: an average of the weights
-    # (TRAIN.EMA_DECAY 0.998) 0.9034; 14 epochs of 1 image and 128 RoIs, about 3x the time, mean 0.8850 over 2
-    # seeds; random crops with colour jitter lost 1.8 points and GroupNorm 1.4 (one seed each, 1 image a batch).
+    # (TRAIN.EMA_DECAY 0.998) 0.9034, a cosine LR 0.8958, 20 epochs 0.8928; 14 epochs of 1 image and 128 RoIs, about
+    # 3x the time, mean 0.8850 over 2 seeds; random crops with colour jitter lost 1.8 points and GroupNorm 1.4 (one
+    # seed each, 1 image a batch).
     "scratch-cpu": {
         "BACKBONE": "tiny",
         "FEAT_STRIDE": 8,
