@@ -103,6 +103,30 @@ def test_two_worker_threads_give_the_same_result(mode, monkeypatch):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_gradients_do_not_depend_on_which_pool_thread_runs_a_worker(mode, monkeypatch):
+    """A seeded training run reproduces: on a busy machine one pool thread may run both workers, one after the
+    other; the gradient must be the same, bit for bit, as when each has its own thread (gradient tables were
+    per pool thread, so the two workers' rows then went into one table in another order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    features, rois, grad_out = _case(3, c=16, h=6, w=8, count=400)  # small map: RoIs share rows
+    _, ours = MODES[mode]
+    monkeypatch.setattr(roi_ops, "CHUNK", 2)  # many blocks a worker: many sums whose order could differ
+    threads = torch.get_num_threads()
+    grads = []
+    torch.set_num_threads(2)
+    try:
+        for pool_threads in (2, 1):  # two workers on two pool threads, then both on one
+            monkeypatch.setattr(roi_ops, "_POOL", {2: ThreadPoolExecutor(pool_threads)})
+            x = features.clone().requires_grad_()
+            ours(x, rois).backward(grad_out)
+            grads.append(x.grad)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_two_worker_threads_under_the_callers_inference_mode(mode, monkeypatch):
     """The output is made under the caller's inference_mode; the worker threads must write it in that mode
     too (it is per thread: they failed with 'Inplace update to inference tensor outside InferenceMode')."""

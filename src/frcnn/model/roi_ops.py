@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -154,13 +153,15 @@ _POOL: dict[int, ThreadPoolExecutor] = {}
 
 
 def _run_blocks(plan: _Plan, block) -> None:
-    """Run ``block`` on every block of RoIs: on ``torch.get_num_threads()`` Python threads, each op in them
-    single-threaded (many small OpenMP regions stall on a busy machine; whole blocks per thread do not)."""
+    """Run ``block(worker, r0, r1, b0, e0, e1)`` on every block of RoIs: on ``torch.get_num_threads()`` Python
+    threads, each op in them single-threaded (many small OpenMP regions stall on a busy machine; whole blocks per
+    thread do not). Worker ``k`` always gets blocks ``k, k + threads, ...`` in that order, whichever pool thread
+    runs it, so what a worker accumulates, and in which order, does not depend on the scheduling."""
     chunks = list(plan.chunks())
     threads = min(torch.get_num_threads(), len(chunks))
     if threads <= 1:
         for chunk in chunks:
-            block(*chunk)
+            block(0, *chunk)
         return
     pool = _POOL.get(threads) or _POOL.setdefault(threads, ThreadPoolExecutor(threads, "frcnn-roi"))
     inference = torch.is_inference_mode_enabled()  # an output made under the caller's inference_mode can only
@@ -170,7 +171,7 @@ def _run_blocks(plan: _Plan, block) -> None:
         # grad mode is per thread: a worker's is on, unlike the autograd.Function's own
         with torch.inference_mode() if inference else contextlib.nullcontext(), torch.no_grad():
             for chunk in chunks[k::threads]:
-                block(*chunk)
+                block(k, *chunk)
 
     torch.set_num_threads(1)
     try:
@@ -200,7 +201,7 @@ class _Gather(torch.autograd.Function):
             kind = torch.uint8 if plan.weight is not None else torch.int32
             argmax = torch.empty((plan.rois, p2, c), dtype=kind, device=table.device)
 
-        def block(r0: int, r1: int, b0: int, e0: int, e1: int) -> None:
+        def block(_worker: int, r0: int, r1: int, b0: int, e0: int, e1: int) -> None:
             n = r1 - r0
             offsets = plan.starts[b0 : b0 + n * plan.phases * p2] - e0
             index = plan.index[e0:e1]
@@ -232,12 +233,14 @@ class _Gather(torch.autograd.Function):
         bag = None
         if plan.weight is not None:
             bag = torch.repeat_interleave(torch.arange(plan.counts.numel(), device=grad.device), plan.counts)
-        tables: dict[int, Tensor] = {}  # one gradient table per worker thread: no two threads add to one row
+        # one gradient table per worker (not per pool thread): no two threads add to one row, and the sums are
+        # the same, bit for bit, however the pool schedules the workers (a seeded run reproduces)
+        tables: dict[int, Tensor] = {}
 
-        def block(r0: int, r1: int, b0: int, e0: int, e1: int) -> None:
-            grad_table = tables.get(threading.get_ident())
+        def block(worker: int, r0: int, r1: int, b0: int, e0: int, e1: int) -> None:
+            grad_table = tables.get(worker)
             if grad_table is None:
-                grad_table = tables[threading.get_ident()] = grad.new_zeros((ctx.rows, c))
+                grad_table = tables[worker] = grad.new_zeros((ctx.rows, c))
             n = r1 - r0
             rows = grad[r0:r1].transpose(1, 2)  # (n, p2, C)
             if bag is None:  # RoIPool: the gradient goes to each bin's arg-max (none for an empty bin)
@@ -251,7 +254,7 @@ class _Gather(torch.autograd.Function):
             grad_table.index_add_(0, plan.index[e0:e1], rows[bag[e0:e1] - b0] * plan.weight[e0:e1, None])
 
         _run_blocks(plan, block)
-        return functools.reduce(torch.add, tables.values()), None, None
+        return functools.reduce(torch.add, (tables[k] for k in sorted(tables))), None, None
 
 
 def _no_rois(features: Tensor, size: int) -> Tensor:
