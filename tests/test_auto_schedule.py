@@ -155,8 +155,20 @@ def test_auto_picks_the_candidate_centred_on_boxes_of_known_size():
     small = auto_anchor_fit(_squares(32), cfg)
     assert small.scales == (1, 2, 4) and small.positives().tolist() == [1] * 12
     # the configured fit and the criterion are separate from the candidates: a fixed list is measured as is
-    fixed = anchor_fit(_squares(64), load_config("demo-cpu", KNOWN))
+    fixed = anchor_fit(_squares(64), load_config("demo-cpu", [*KNOWN, "ANCHOR_SCALES=[2,4,8]"]))
     assert fixed.scales == (2, 4, 8) and fit_criterion(fixed) == fit_criterion(fit)
+
+
+def test_demo_anchors_half_an_octave_apart_leave_no_size_without_a_positive():
+    # A 45 px square centred on a cell lies half an octave from the 32 and 64 px anchors of (2, 4, 8): IoU 32**2 /
+    # 45**2 = 0.506 and 45**2 / 64**2 = 0.494; its best is the 46 x 24 anchor (scale 2, ratio 0.5), 45*24 / (45*45 +
+    # 46*24 - 45*24) = 0.527: no positive anchor (IoU >= 0.7), only a type-A one. demo-cpu's scales, half an octave
+    # apart, hold the 45.248 px anchor of scale 2.828 too: IoU (45 / 45.248)**2 = 0.989.
+    octave = anchor_fit(_squares(45), load_config("demo-cpu", [*KNOWN, "ANCHOR_SCALES=[2,4,8]"]))
+    assert float(octave.best_iou.max()) == pytest.approx(1080 / 2049, rel=1e-5) and octave.below(0.7) == 12
+    half = anchor_fit(_squares(45), load_config("demo-cpu", KNOWN))
+    assert half.scales == (2, 2.828, 4, 5.657, 8) and half.below(0.7) == 0
+    assert float(half.best_iou.min()) == pytest.approx((45 / 45.248) ** 2, rel=1e-5)
 
 
 def test_auto_without_boxes_is_one_line():

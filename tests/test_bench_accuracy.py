@@ -33,7 +33,9 @@ def test_anchors_equal_frcnn(cfg):
     feature = torch.zeros(1, 128, 40, 54)
     got = tv.rpn.anchor_generator(images, [feature])[0]
     want = to_exclusive(fr.anchor_generator(40, 54))
-    assert torch.equal(got, want)
+    # equal to float32's rounding: demo-cpu's scales 2.828 and 5.657 give anchors off the integer grid, and the two
+    # libraries add the shifts in their own order (one unit in the last place at 512 px is 3e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     shapes = bench.anchor_shapes(cfg)
     assert shapes["frcnn"] == shapes["torchvision"]
     assert shapes["frcnn"][0][:2] == [46, 24] and shapes["torchvision_stock"][0][:2] == [46, 22]

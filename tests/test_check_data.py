@@ -220,7 +220,7 @@ def test_cli_table_and_exit_code_1_on_unrepairable(report, capsys):
     assert out.splitlines()[1].split() == ["split", "images", "no", "boxes", "cat", "dog", "boxes"]
     assert out.splitlines()[2].split() == ["train", str(len(ANNOTATIONS)), "2", "15", "3", "18"]
     assert "degenerate-box: 1 (repairable: dropped)" in out and "inverted-box: 1 (NOT repairable)" in out
-    assert "anchor fit:" in out and "ANCHOR_SCALES [2, 4, 8]" in out
+    assert "anchor fit:" in out and "ANCHOR_SCALES [2, 2.828, 4, 5.657, 8]" in out
 
 
 def test_cli_json_and_exit_code_0_when_all_repairable(tmp_path, capsys):

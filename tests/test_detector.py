@@ -20,8 +20,8 @@ LABELS = [torch.tensor([1, 3]), torch.tensor([2])]
 
 
 def _cfg(*overrides: str):
-    # stride 16, as the write-up: the feature sizes and anchor counts below are worked out for it
-    return load_config("demo-cpu", ["DEVICE=cpu", "FEAT_STRIDE=16", *overrides])
+    # stride 16 and 9 anchors, as the write-up: the feature sizes and anchor counts below are worked out for them
+    return load_config("demo-cpu", ["DEVICE=cpu", "FEAT_STRIDE=16", "ANCHOR_SCALES=[2,4,8]", *overrides])
 
 
 def _model(*overrides: str) -> FasterRCNN:
