@@ -144,3 +144,48 @@ def test_reproducible_with_same_seed():
     c = _run(rois, [GTS], [GT_LABELS], seed=12)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
+
+
+def _one_large_one_small(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 200 px object with 60 proposals around it (IoU >= 0.5), a 24 px one with a single proposal (IoU 0.75)."""
+    gts = torch.tensor([[100.0, 100, 299, 299], [400.0, 400, 423, 423]])
+    g = torch.Generator().manual_seed(seed)
+    large = gts[0] + (torch.rand(60, 4, generator=g) - 0.5) * 20  # a corner moves <= 10 px: IoU > 0.8
+    small = torch.tensor([[400.0, 403, 423, 426]])  # 24 x 21 overlap of 24 x 24 boxes: 504 / (1152 - 504) = 0.78
+    boxes = torch.cat((large, small, torch.tensor([[600.0, 600, 650, 650]] * 20)))  # and 20 far (IoU 0)
+    return torch.cat((torch.zeros(len(boxes), 1), boxes), dim=1), gts
+
+
+def test_per_object_sampling_serves_each_object_in_turn():
+    # 8 foreground slots (32 RoIs x 0.25, BG_THRESH_LO 0). Candidates: the large object's 60 proposals and its gt
+    # box (61), the small one's proposal and gt box (2). At random the small object gets 8 x 2 / 63 = 0.25 of them
+    # on average; per object it gets both of its candidates (rounds 0 and 1) and the large one the other 6.
+    cfg = replace(CFG, BATCH_SIZE=32, BG_THRESH_LO=0.0)
+    per_object = replace(cfg, FG_SAMPLING="per_object")
+    small_at_random = 0
+    for seed in range(10):
+        rois, gts = _one_large_one_small(seed)
+        for c in (cfg, per_object):
+            trace = Trace()
+            _, labels, _ = _run(rois, [gts], [torch.tensor([1, 2])], cfg=c, seed=seed, trace=trace)
+            assign = trace["proposal_target"]["gt_assignment"][labels > 0]
+            assert int((labels > 0).sum()) == 8
+            if c is per_object:
+                assert torch.bincount(assign, minlength=2).tolist() == [6, 2]
+            else:
+                small_at_random += int((assign == 1).sum())
+    assert small_at_random < 10  # 2.5 expected over the 10 draws; per object gives 20
+
+
+def test_per_object_sampling_with_uneven_objects_fills_rounds_in_order():
+    from frcnn.model.proposal_target import _choose_per_object
+
+    objects = torch.tensor([0] * 8 + [1] * 3 + [2])
+    idx = torch.arange(100, 112)
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        counts = [torch.bincount(objects[_choose_per_object(idx, objects, k, g) - 100], minlength=3).tolist()
+                  for k in (3, 5, 6, 8, 12)]
+        assert counts[0] == [1, 1, 1] and counts[1] == [2, 2, 1]  # round 0 for all; object 2 then has no more
+        assert sorted(counts[2][:2]) == [2, 3] and counts[2][2] == 1  # round 2: one of objects 0 and 1, at random
+        assert counts[3] == [4, 3, 1] and counts[4] == [8, 3, 1]  # object 1 runs out after round 2

@@ -68,6 +68,10 @@ class TrainConfig:
     # proposal target layer
     BATCH_SIZE: int = 128  # RoIs per image
     FG_FRACTION: float = 0.25
+    # random (the reference's): the foreground RoIs drawn from all at random, so a large object with many
+    # overlapping proposals takes most slots; per_object: each object in turn gives one (at random), so a small one
+    # is learnt from as often as a large one
+    FG_SAMPLING: str = "random"
     FG_THRESH: float = 0.5
     BG_THRESH_HI: float = 0.5
     BG_THRESH_LO: float = 0.1
@@ -150,6 +154,7 @@ class Config:
         _check_choice("TRAIN.LR_SCALING", self.TRAIN.LR_SCALING, ("none", "linear"))
         _check_choice("TRAIN.LR_SCHEDULE", self.TRAIN.LR_SCHEDULE, ("step", "cosine"))
         _check_choice("TRAIN.JOINT", self.TRAIN.JOINT, ("approximate", "exact"))
+        _check_choice("TRAIN.FG_SAMPLING", self.TRAIN.FG_SAMPLING, ("random", "per_object"))
         if self.TRAIN.JOINT == "exact" and self.POOLING_MODE != "crop":
             raise ConfigError(f"TRAIN.JOINT=exact needs POOLING_MODE=crop (got {self.POOLING_MODE}): only crop "
                               "pooling's grid_sample passes the gradient to the RoI coordinates, roi_align and "

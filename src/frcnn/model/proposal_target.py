@@ -4,7 +4,8 @@ Per image the gt boxes are added to the proposals, each RoI takes the class of i
 box, and ``TRAIN.BATCH_SIZE`` RoIs are drawn (per image, as in the reference, whose batch is one image):
 up to ``FG_FRACTION`` of them foreground (IoU >= ``FG_THRESH``), the rest background (IoU in
 ``[BG_THRESH_LO, BG_THRESH_HI)``), repeating background RoIs at random when there are too few (the
-reference's fill-up). Regression targets are
+reference's fill-up). The foreground RoIs are drawn at random (the reference's), or with ``FG_SAMPLING:
+per_object`` one for each object in turn (:func:`_choose_per_object`). Regression targets are
 normalised by ``BBOX_NORMALIZE_MEANS``/``STDS``. Coordinates: network-input pixels.
 
 Proposals that carry a gradient (``TRAIN.JOINT=exact``) keep it in the sampled RoIs; the sampling only
@@ -36,6 +37,20 @@ def _choose(idx: Tensor, size: int, generator: torch.Generator | None) -> Tensor
         pick = torch.randperm(idx.numel(), generator=generator)[:size]
     else:
         pick = torch.randint(idx.numel(), (size,), generator=generator)
+    return idx[pick.to(idx.device)]
+
+
+def _choose_per_object(idx: Tensor, objects: Tensor, size: int, generator: torch.Generator | None) -> Tensor:
+    """``size`` entries of ``idx`` (``size <= len(idx)``), spread over ``objects`` (the gt index of each entry) as
+    evenly as they allow: each object in turn gives one at random, round after round, and an object out of entries
+    drops out; the objects served in the last, partial round are chosen at random."""
+    perm = torch.randperm(idx.numel(), generator=generator)
+    obj = objects.cpu()[perm]
+    order = torch.sort(obj, stable=True).indices  # entries grouped by object, in the random order within each
+    counts = torch.bincount(obj)
+    rank = torch.empty_like(obj)
+    rank[order] = torch.arange(obj.numel()) - (torch.cumsum(counts, 0) - counts)[obj[order]]  # place in its object
+    pick = perm[torch.sort(rank, stable=True).indices[:size]]  # round 0 of every object first, then round 1, ...
     return idx[pick.to(idx.device)]
 
 
@@ -73,7 +88,10 @@ def proposal_target_layer(
             bg_mask = torch.ones_like(bg_mask)
         bg_idx = bg_mask.nonzero().squeeze(1)
         if fg_idx.numel() > 0 and bg_idx.numel() > 0:
-            fg = _choose(fg_idx, min(fg_per_image, fg_idx.numel()), generator)
+            if cfg.FG_SAMPLING == "per_object" and fg_idx.numel() > fg_per_image:
+                fg = _choose_per_object(fg_idx, assign[fg_idx], fg_per_image, generator)
+            else:
+                fg = _choose(fg_idx, min(fg_per_image, fg_idx.numel()), generator)
             bg = _choose(bg_idx, rois_per_image - fg.numel(), generator)
         elif fg_idx.numel() > 0:
             fg, bg = _choose(fg_idx, rois_per_image, generator), bg_idx[:0]
