@@ -189,3 +189,15 @@ def test_per_object_sampling_with_uneven_objects_fills_rounds_in_order():
         assert counts[0] == [1, 1, 1] and counts[1] == [2, 2, 1]  # round 0 for all; object 2 then has no more
         assert sorted(counts[2][:2]) == [2, 3] and counts[2][2] == 1  # round 2: one of objects 0 and 1, at random
         assert counts[3] == [4, 3, 1] and counts[4] == [8, 3, 1]  # object 1 runs out after round 2
+
+
+def test_per_object_sampling_also_when_no_roi_is_background():
+    # Without the 20 far boxes every candidate is foreground and all 8 RoIs (BATCH_SIZE 8) are: per object the small
+    # object still gets both of its candidates, as in the branch with background.
+    cfg = replace(CFG, BATCH_SIZE=8, BG_THRESH_LO=0.0, FG_SAMPLING="per_object")
+    for seed in range(5):
+        rois, gts = _one_large_one_small(seed)
+        trace = Trace()
+        _, labels, _ = _run(rois[:61], [gts], [torch.tensor([1, 2])], cfg=cfg, seed=seed, trace=trace)
+        assert int((labels > 0).sum()) == 8
+        assert torch.bincount(trace["proposal_target"]["gt_assignment"], minlength=2).tolist() == [6, 2]

@@ -54,6 +54,15 @@ def _choose_per_object(idx: Tensor, objects: Tensor, size: int, generator: torch
     return idx[pick.to(idx.device)]
 
 
+def _choose_fg(idx: Tensor, objects: Tensor, size: int, cfg: TrainConfig, generator: torch.Generator | None
+               ) -> Tensor:
+    """``size`` foreground RoIs of ``idx``: ``FG_SAMPLING`` per_object spreads them over ``objects`` when there are
+    more than ``size``, else (and for random) :func:`_choose`."""
+    if cfg.FG_SAMPLING == "per_object" and idx.numel() > size:
+        return _choose_per_object(idx, objects, size, generator)
+    return _choose(idx, size, generator)
+
+
 def proposal_target_layer(
     rois: Tensor,
     gt_boxes: Sequence[Tensor],
@@ -88,13 +97,10 @@ def proposal_target_layer(
             bg_mask = torch.ones_like(bg_mask)
         bg_idx = bg_mask.nonzero().squeeze(1)
         if fg_idx.numel() > 0 and bg_idx.numel() > 0:
-            if cfg.FG_SAMPLING == "per_object" and fg_idx.numel() > fg_per_image:
-                fg = _choose_per_object(fg_idx, assign[fg_idx], fg_per_image, generator)
-            else:
-                fg = _choose(fg_idx, min(fg_per_image, fg_idx.numel()), generator)
+            fg = _choose_fg(fg_idx, assign[fg_idx], min(fg_per_image, fg_idx.numel()), cfg, generator)
             bg = _choose(bg_idx, rois_per_image - fg.numel(), generator)
-        elif fg_idx.numel() > 0:
-            fg, bg = _choose(fg_idx, rois_per_image, generator), bg_idx[:0]
+        elif fg_idx.numel() > 0:  # no background at all: every RoI foreground
+            fg, bg = _choose_fg(fg_idx, assign[fg_idx], rois_per_image, cfg, generator), bg_idx[:0]
         else:
             fg, bg = fg_idx[:0], _choose(bg_idx, rois_per_image, generator)
         keep = torch.cat((fg, bg))
