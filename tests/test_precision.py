@@ -293,7 +293,10 @@ ITERS = 40
 @pytest.fixture(scope="module")
 def bf16_run():
     """demo-cpu at 160 px trained ITERS iterations in bf16 through Precision on two tiny images (~3 s)."""
-    cfg = _cfg("TRAIN.LEARNING_RATE=0.02", "TRAIN.WARMUP_ITERS=10", "TRAIN.BATCH_SIZE=64", "TRAIN.AMP=bf16")
+    # 9 anchors a cell, as the test was written with: with demo-cpu's 15 this 40-iteration model's second detection
+    # is a near tie that bf16 rounding can flip (IoU 0.59 with fp32's, 2 threads on one Xeon; 1 thread passes)
+    cfg = _cfg("TRAIN.LEARNING_RATE=0.02", "TRAIN.WARMUP_ITERS=10", "TRAIN.BATCH_SIZE=64", "TRAIN.AMP=bf16",
+               "ANCHOR_SCALES=[2,4,8]")
     data = TinySet()
     torch.manual_seed(0)
     model = FasterRCNN(cfg, len(data.classes))
