@@ -131,6 +131,31 @@ def test_parameter_groups_double_bias_and_bias_decay(double_bias, bias_decay):
     assert all(g["momentum"] == 0.8 for g in optimizer.param_groups)
 
 
+def test_optimizer_is_fused_and_steps_as_sgd_with_momentum_written_out():
+    """Three steps of the (fused, on a CPU) optimizer against ``buf = m * buf + grad + decay * p; p -= lr * mult * buf``
+    with given gradients, for a weight (decayed) and a bias (doubled rate, not decayed)."""
+    lr, decay, m = 0.1, 0.01, 0.9
+    cfg = _cfg(f"TRAIN.LEARNING_RATE={lr}", f"TRAIN.WEIGHT_DECAY={decay}", f"TRAIN.MOMENTUM={m}")
+    layer = torch.nn.Linear(3, 2)
+    optimizer = build_optimizer(layer, cfg.TRAIN)
+    assert optimizer.defaults["fused"]
+    for group in optimizer.param_groups:  # as train() does each iteration
+        group["lr"] = lr * group["lr_mult"]
+    generator = torch.Generator().manual_seed(0)
+    expected = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    buffers = {n: torch.zeros_like(p) for n, p in expected.items()}
+    for step in range(3):
+        for name, p in layer.named_parameters():
+            p.grad = torch.randn(p.shape, generator=generator)
+            bias = name == "bias"
+            d_p = p.grad + (0.0 if bias else decay) * expected[name]
+            buffers[name] = d_p if step == 0 else m * buffers[name] + d_p
+            expected[name] = expected[name] - lr * (2.0 if bias else 1.0) * buffers[name]
+        optimizer.step()
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-6, atol=1e-7)
+
+
 def test_first_training_step_moves_weights_and_biases_by_their_own_rates(tmp_path):
     """One iteration of ``train`` against SGD written out: ``p - lr * mult * (grad + decay * p)`` (the first
     momentum buffer is the gradient itself), with the gradient of the same batch computed here."""
