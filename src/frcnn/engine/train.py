@@ -108,9 +108,6 @@ def learning_rate(train: TrainConfig, iteration: int, world_size: int = 1) -> fl
     return lr
 
 
-FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.SGD:
     weights, biases = [], []
     for name, p in model.named_parameters():
@@ -124,7 +121,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.S
     # update but for the last bit of rounding (a first difference of 6e-11 at iteration 2), so a run drifts as with
     # another thread count; a training step in 0.93x the time for demo-cpu, 0.92x for scratch-cpu (2 threads,
     # benchmarks/results/scratch_cpu.md), most of it fc6's 3.2M weights.
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for g in groups for p in g["params"])
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
     return torch.optim.SGD(groups, lr=train.LEARNING_RATE, momentum=train.MOMENTUM, fused=fused or None)
 
 
