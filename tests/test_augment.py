@@ -13,7 +13,7 @@ import frcnn.engine.batches as batches_module
 from frcnn.boxes import flip_boxes, scale_boxes
 from frcnn.config import load_config
 from frcnn.data import open_dataset
-from frcnn.data.augment import adjust_colors, color_jitter, crop_boxes, jitter_params, random_crop
+from frcnn.data.augment import adjust_colors, color_jitter, crop_boxes, jitter_params, random_crop, rotate90, turn_boxes
 from frcnn.data.sample import Sample
 from frcnn.data.voc import write_voc_xml
 from frcnn.engine.batches import TrainBatches, image_seed, iteration_seed
@@ -158,6 +158,61 @@ def test_crop_then_flip_in_a_batch(monkeypatch):
     red = (pixels[0] > 200) & (pixels[1] < 50)
     ys, xs = torch.nonzero(red, as_tuple=True)
     assert (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())) == (40, 10, 99, 69)
+
+
+# --------------------------------------------------------------------------------------------- quarter turns
+
+# A 11 x 7 (W x H) image with box x 3..8, y 2..4, turned k times anticlockwise, by hand: one turn takes the
+# column x to the row 10 - x and the row y to the column y (an image 11 high and 7 wide).
+TURNED = {0: [3, 2, 8, 4], 1: [2, 2, 4, 7], 2: [2, 2, 7, 4], 3: [2, 3, 4, 8]}
+
+
+@pytest.mark.parametrize("k", range(4))
+def test_a_known_box_turned(k):
+    boxes = torch.tensor([[3.0, 2.0, 8.0, 4.0]])
+    assert turn_boxes(boxes, 7, 11, k).tolist() == [[float(v) for v in TURNED[k]]]
+    image = torch.zeros(3, 7, 11)
+    image[:, 2:5, 3:9] = 255
+    turned = torch.rot90(image, k, dims=(1, 2))
+    ys, xs = torch.nonzero(turned[0], as_tuple=True)  # the box is still tight around the same pixels
+    assert [int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())] == TURNED[k]
+
+
+def test_rotate90_draws_every_turn_and_moves_pixels_with_boxes():
+    image = _image(24, 32)
+    boxes = torch.tensor([[3.0, 5.0, 12.0, 9.0], [20.0, 0.0, 31.0, 23.0]])
+    seen = set()
+    for seed in range(24):
+        out, turned = rotate90(image, boxes, torch.Generator().manual_seed(seed))
+        k = next(k for k in range(4) if out.shape == torch.rot90(image, k, dims=(1, 2)).shape
+                 and torch.equal(out, torch.rot90(image, k, dims=(1, 2))))
+        seen.add(k)
+        x1, y1, x2, y2 = (int(v) for v in turned[0])
+        x1o, y1o, x2o, y2o = (int(v) for v in boxes[0])
+        # the pixels inside the turned box are those of the box, turned
+        assert torch.equal(out[:, y1:y2 + 1, x1:x2 + 1],
+                           torch.rot90(image[:, y1o:y2o + 1, x1o:x2o + 1], k, dims=(1, 2)))
+        assert turned.shape == boxes.shape and out.is_contiguous()
+    assert seen == {0, 1, 2, 3}
+
+
+def test_turned_and_mirrored_box_in_a_batch(monkeypatch):
+    """A quarter turn through TrainBatches, then the mirror of TRAIN.USE_FLIPPED in the turned image's width:
+    the red box x 20..49, y 10..39 of a 100 x 80 image is x 10..39, y 50..79 turned (80 wide, 100 high), x 40..69
+    mirrored in 80; scale 1 (SCALES [80])."""
+    monkeypatch.setattr(batches_module, "rotate90",
+                        lambda image, boxes, g: (torch.rot90(image, 1, dims=(1, 2)), turn_boxes(boxes, 80, 100, 1)))
+    data = ListSet([(100, 80, [(1, (20, 10, 49, 39), False, (255, 0, 0))])])
+    cfg = load_config(None, ["TRAIN.SCALES=[80]", "TRAIN.MAX_SIZE=1000", "TRAIN.ROTATE90=True"])
+    batches = TrainBatches(data, cfg)
+    for flipped, box in ((False, [10.0, 50.0, 39.0, 79.0]), (True, [40.0, 50.0, 69.0, 79.0])):
+        it = next(i for i in range(4) if batches.entries(i)[0] == (0, flipped))
+        batch = batches[it]
+        assert batch.image_sizes.tolist() == [[100, 80]]
+        assert batch.gt_boxes[0].tolist() == [box]
+        pixels = batch.images[0] + torch.tensor(cfg.PIXEL_MEANS).view(3, 1, 1)  # PIXEL_STDS are 1
+        ys, xs = torch.nonzero((pixels[0] > 200) & (pixels[1] < 50), as_tuple=True)
+        assert [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())] == box
 
 
 # --------------------------------------------------------------------------------------------- colour
@@ -326,22 +381,26 @@ def voc(tmp_path_factory):
 
 
 def test_cropped_boxes_cover_their_objects_pixels(voc):
-    """End to end (VOC files, crop, resize to 72 or 90, mirror, normalise): the pixels nearer each kept box's
-    colour than the background's span that box, to within 1 px at each side (bilinear resize blends the edge)."""
+    """End to end (VOC files, crop, quarter turns, resize to 72 or 90, mirror, normalise): the pixels nearer each
+    kept box's colour than the background's span that box, to within 1 px at each side (bilinear resize blends the
+    edge)."""
     data = open_dataset(voc, "train")
-    cfg = load_config("demo-cpu", ["TRAIN.SCALES=[72, 90]", "TRAIN.IMS_PER_BATCH=2", "TRAIN.RANDOM_CROP=0.5"])
+    cfg = load_config("demo-cpu", ["TRAIN.SCALES=[72, 90]", "TRAIN.IMS_PER_BATCH=2", "TRAIN.RANDOM_CROP=0.5",
+                                   "TRAIN.ROTATE90=True"])
     means = torch.tensor(cfg.PIXEL_MEANS).view(3, 1, 1)
     stds = torch.tensor(cfg.PIXEL_STDS).view(3, 1, 1)
     batches = TrainBatches(data, cfg)
     background = torch.tensor(BACKGROUND, dtype=torch.float32).view(3, 1, 1)
     whole = {(s, round(w * s / 72)) for s in (72, 90) for w in (96, 104)}  # (h, w) of uncropped images
-    cropped = flipped = checked = 0
+    upright = {(w, h) for h, w in whole}  # of uncropped images after a quarter turn (or three)
+    cropped = flipped = turned = checked = 0
     for it in range(12):
         batch = batches[it]
         for n in range(2):
             h, w = batch.image_sizes[n].tolist()
             pixels = (batch.images[n] * stds + means)[:, :h, :w]
-            cropped += (h, w) not in whole
+            cropped += (h, w) not in whole and (h, w) not in upright
+            turned += (h, w) in upright
             flipped += batch.image_ids[n].endswith("(flipped)")
             for box, label in zip(batch.gt_boxes[n].tolist(), batch.gt_labels[n].tolist()):
                 colour = torch.tensor(COLOURS[data.classes[label - 1]], dtype=torch.float32).view(3, 1, 1)
@@ -351,4 +410,4 @@ def test_cropped_boxes_cover_their_objects_pixels(voc):
                 found = [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
                 assert max(abs(a - b) for a, b in zip(found, box)) <= 1.0, (it, n, box, found)
                 checked += 1
-    assert cropped >= 4 and flipped >= 4 and checked >= 40
+    assert cropped >= 4 and flipped >= 4 and turned >= 4 and checked >= 40

@@ -59,6 +59,7 @@ class TrainConfig:
     # augmentation (training only; every transform moves the boxes with the pixels, +1 convention kept)
     COLOR_JITTER: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue (0 = off)
     RANDOM_CROP: float = 0.0  # 0 = off; else the smallest fraction of each side a random crop keeps
+    ROTATE90: bool = False  # turn each training image by a random multiple of 90 degrees (data with no "up")
     # approximate (the write-up's): RoI coordinates are constants for the RoI-wise loss; exact (Ren et al.
     # 3.2, non-approximate): its gradient flows through crop pooling's sampling grid into the RPN's deltas
     JOINT: str = "approximate"

@@ -1,6 +1,6 @@
-"""Training-time augmentation for small data sets: random crop and colour jitter.
+"""Training-time augmentation for small data sets: random crop, quarter turns and colour jitter.
 
-Both are off by default and switched on by ``TRAIN.RANDOM_CROP`` and ``TRAIN.COLOR_JITTER``;
+All are off by default and switched on by ``TRAIN.RANDOM_CROP``, ``TRAIN.ROTATE90`` and ``TRAIN.COLOR_JITTER``;
 :class:`frcnn.engine.batches.TrainBatches` applies them to each training image before the usual pre-processing
 (:func:`frcnn.transforms.prep_image`: resize to one of ``TRAIN.SCALES``, mirror, normalise). Two more
 augmentations exist without this module: the mirrored copies of ``TRAIN.USE_FLIPPED`` and scale jitter, since
@@ -12,6 +12,10 @@ augmentations exist without this module: the mirrored copies of ``TRAIN.USE_FLIP
   with their labels. A window keeping no box is drawn again, up to 10 times, and then the image is not cropped
   (an image without boxes is cropped on the first draw). The crop is resized to the training scale afterwards,
   so it also jitters the scale of the objects.
+* :func:`rotate90`: a turn by a uniform random multiple of 90 degrees, for data with no "up" (cells under a
+  microscope, aerial views, the demo's shapes). With the mirrored copies of ``TRAIN.USE_FLIPPED`` every image is
+  seen in all 8 orientations of the square. A quarter turn swaps the image's height and width; boxes keep the
+  +1 convention (a box is the same pixels, turned).
 * :func:`color_jitter`: torchvision's ``ColorJitter`` on 0..255 pixels: brightness, contrast and saturation
   factors uniform in ``[max(0, 1 - a), 1 + a]``, a hue shift uniform in ``[-h, h]``, applied in a random order,
   each clamped to ``[0, 255]``; an amount of 0 skips its operation (all 0 = the image untouched).
@@ -75,6 +79,29 @@ def random_crop(image: Tensor, boxes: Tensor, labels: Tensor, min_fraction: floa
         if bool(keep.any()) or len(boxes) == 0:
             return image[:, y0:y0 + ch, x0:x0 + cw].contiguous(), cropped, labels[keep]
     return image, boxes, labels
+
+
+# --------------------------------------------------------------------------------------------- quarter turns
+
+
+def turn_boxes(boxes: Tensor, height: int, width: int, k: int) -> Tensor:
+    """Boxes of a (height x width) image in that image turned by ``k`` quarter turns anticlockwise
+    (``torch.rot90(image, k, dims=(-2, -1))``). One turn takes pixel (x, y) to (y, W - 1 - x), so box
+    (x1, y1, x2, y2) to (y1, W - 1 - x2, y2, W - 1 - x1), in an image W high and H wide."""
+    for _ in range(k % 4):
+        x1, y1, x2, y2 = boxes.unbind(dim=1)
+        boxes = torch.stack((y1, width - 1 - x2, y2, width - 1 - x1), dim=1)
+        height, width = width, height
+    return boxes
+
+
+def rotate90(image: Tensor, boxes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(image, boxes)`` turned by a uniform random number of quarter turns (0 to 3) of the (3, H, W) image."""
+    k = int(torch.randint(4, (1,), generator=generator))
+    if k == 0:
+        return image, boxes
+    _, h, w = image.shape
+    return torch.rot90(image, k, dims=(1, 2)).contiguous(), turn_boxes(boxes, h, w, k)
 
 
 # --------------------------------------------------------------------------------------------- colour jitter
