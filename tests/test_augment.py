@@ -392,15 +392,15 @@ def test_cropped_boxes_cover_their_objects_pixels(voc):
     batches = TrainBatches(data, cfg)
     background = torch.tensor(BACKGROUND, dtype=torch.float32).view(3, 1, 1)
     whole = {(s, round(w * s / 72)) for s in (72, 90) for w in (96, 104)}  # (h, w) of uncropped images
-    upright = {(w, h) for h, w in whole}  # of uncropped images after a quarter turn (or three)
+    whole_turned = {(w, h) for h, w in whole}  # (h, w) of uncropped images after a quarter turn (or three)
     cropped = flipped = turned = checked = 0
     for it in range(12):
         batch = batches[it]
         for n in range(2):
             h, w = batch.image_sizes[n].tolist()
             pixels = (batch.images[n] * stds + means)[:, :h, :w]
-            cropped += (h, w) not in whole and (h, w) not in upright
-            turned += (h, w) in upright
+            cropped += (h, w) not in whole and (h, w) not in whole_turned
+            turned += (h, w) in whole_turned
             flipped += batch.image_ids[n].endswith("(flipped)")
             for box, label in zip(batch.gt_boxes[n].tolist(), batch.gt_labels[n].tolist()):
                 colour = torch.tensor(COLOURS[data.classes[label - 1]], dtype=torch.float32).view(3, 1, 1)
