@@ -119,7 +119,8 @@ number of iterations and images per iteration; the evaluator (frcnn's score_dete
 
 What is torchvision's own (differs from frcnn, by design of this comparison):
 - RPN objectness: one sigmoid logit per anchor (binary cross entropy), frcnn a 2-way softmax (2 logits).
-- RPN targets: torchvision labels every anchor, frcnn (the reference) only anchors lying inside the image.
+- RPN targets: torchvision labels every anchor; frcnn those TRAIN.RPN_ALLOWED_BORDER lets take part (the
+  reference's 0: only anchors lying inside the image; scratch-cpu's -1: every anchor, as torchvision).
 - Proposals: torchvision clips, drops boxes under 1e-3 px and scores <= rpn_score_thresh (0), frcnn keeps
   clipped slivers; both NMS at the configured threshold and keep the configured top-n.
 - RoI sampling: torchvision samples without replacement (fewer than TRAIN.BATCH_SIZE RoIs when there are not

@@ -23,30 +23,32 @@ from frcnn.data.anchor_fit import (
 )
 from frcnn.data.check import check_data, fit_samples
 from frcnn.data.sample import Sample
+from frcnn.model.anchor_target import taking_part
 from frcnn.model.anchors import generate_anchors, shift_anchors
 
 
-def dense_best_iou(boxes, height, width, base, stride):
-    """The definition: every anchor of the grid, the inside ones only, box_iou, max."""
+def dense_best_iou(boxes, height, width, base, stride, border=0.0):
+    """The definition: every anchor of the grid, those the anchor target layer lets take part, box_iou, max."""
     anchors = shift_anchors(base, math.ceil(height / stride), math.ceil(width / stride), stride)
-    inside = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] < width) & (anchors[:, 3] < height)
+    inside = taking_part(anchors, height, width, border)
     if not inside.any():
         return torch.zeros(boxes.shape[0])
     return box_iou(boxes, anchors[inside]).max(dim=1).values
 
 
+@pytest.mark.parametrize("border", [0.0, 12.5, -1.0])  # inside only (the default), 12.5 px over, every anchor
 @pytest.mark.parametrize(("height", "width", "scales"), [
     (600, 800, (8, 16, 32)), (600, 1000, (4, 8, 16)), (97, 131, (2, 4, 8)), (600, 450, (0.5, 1, 2)),
     (150, 200, (8, 16, 32)),  # the largest anchors fit nowhere inside: IoU 0 from those shapes
 ])
-def test_closed_form_equals_the_search_over_every_anchor(height, width, scales):
+def test_closed_form_equals_the_search_over_every_anchor(height, width, scales, border):
     g = torch.Generator().manual_seed(height + width)
     xy = torch.rand(400, 2, generator=g) * torch.tensor([width, height])
     wh = torch.exp(torch.rand(400, 2, generator=g) * 6) + 1  # 2 .. 400 pixels
     boxes = torch.cat((xy, torch.minimum(xy + wh, torch.tensor([width - 1.0, height - 1.0]))), dim=1).round()
     base = generate_anchors(16, (0.5, 1, 2), scales)
-    fast = best_anchor_iou(boxes, height, width, base, 16)
-    assert torch.allclose(fast, dense_best_iou(boxes, height, width, base, 16), atol=1e-6)
+    fast = best_anchor_iou(boxes, height, width, base, 16, border)
+    assert torch.allclose(fast, dense_best_iou(boxes, height, width, base, 16, border), atol=1e-6)
 
 
 def test_a_box_equal_to_an_inside_anchor_has_iou_one():
@@ -107,13 +109,17 @@ def test_bccd_anchor_fit_at_600():
     assert best.scales == (4, 8, 16) and best.below(0.3) == 3
 
 
+@pytest.mark.parametrize("border", [0.0, 40.0, -1.0])
 @pytest.mark.parametrize("height, width", [(320, 427), (100, 100), (64, 300)])
-def test_anchors_inside_equals_the_search_over_every_anchor(height, width):
+def test_anchors_inside_equals_the_search_over_every_anchor(height, width, border):
     base = generate_anchors(16, (0.5, 1, 2), (2, 4, 8, 16, 32))
-    all_shifted = shift_anchors(base, math.ceil(height / 8), math.ceil(width / 8), 8).view(-1, base.shape[0], 4)
-    inside = ((all_shifted[..., 0] >= 0) & (all_shifted[..., 1] >= 0) & (all_shifted[..., 2] < width)
-              & (all_shifted[..., 3] < height)).any(dim=0)
-    assert torch.equal(anchors_inside(height, width, base, 8), inside)
+    all_shifted = shift_anchors(base, math.ceil(height / 8), math.ceil(width / 8), 8)
+    inside = taking_part(all_shifted, height, width, border).view(-1, base.shape[0]).any(dim=0)
+    assert torch.equal(anchors_inside(height, width, base, 8, border), inside)
+    if border == 0 and height == 64:
+        assert not inside.all()  # the comparison has power: 256-px anchors fit no 64-px image
+    if border < 0:
+        assert inside.all()
 
 
 def _one_big_object_per_image(n: int = 40) -> list[Sample]:
@@ -140,3 +146,17 @@ def test_auto_never_picks_anchors_that_fit_no_image_when_smaller_ones_fit_as_wel
     assert sorted(fits[(8, 16, 32)].untrained_anchors()) == [(176, 352), (352, 704), (512, 512), (736, 384)]
     assert suggest_scales(samples, cfg)[0].scales == (4, 8, 16)
     assert fits[(2, 4, 8)].untrained_anchors() == []
+
+
+def test_with_every_anchor_taking_part_none_is_untrained_and_the_report_says_so():
+    # TRAIN.RPN_ALLOWED_BORDER=-1 (scratch-cpu): the anchor target layer labels every anchor, so the 4 shapes of
+    # [8, 16, 32] that lie inside no 320 x 427 input (previous test) are trained too, and the fit counts them
+    samples = _one_big_object_per_image()
+    inside_only = anchor_fit(samples, load_config("demo-cpu", ["ANCHOR_SCALES=[8,16,32]"]))
+    every = anchor_fit(samples, load_config("demo-cpu", ["ANCHOR_SCALES=[8,16,32]", "TRAIN.RPN_ALLOWED_BORDER=-1"]))
+    assert len(inside_only.untrained_anchors()) == 4 and every.untrained_anchors() == []
+    assert (every.best_iou >= inside_only.best_iou).all() and (every.best_iou > inside_only.best_iou).any()
+    assert (every.positives() >= inside_only.positives()).all()
+    assert format_fit([], inside_only, ["a"])[0].endswith("stride 8, anchors inside the image only")
+    assert format_fit([], every, ["a"])[0].endswith("stride 8, every anchor (TRAIN.RPN_ALLOWED_BORDER < 0)")
+    assert not any("warning" in line for line in format_fit([], every, ["a"]))

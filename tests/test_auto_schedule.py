@@ -36,6 +36,7 @@ from frcnn.engine import precision
 from frcnn.engine.checkpoint import read_checkpoint, read_config
 from frcnn.engine.train import epoch_schedule, learning_rate, resolve_run_config, train
 from frcnn.errors import ConfigError
+from frcnn.model.anchor_target import taking_part
 from frcnn.model.anchors import generate_anchors, shift_anchors
 
 # ------------------------------------------------------------------------------ epochs -> iterations
@@ -94,10 +95,11 @@ def test_a_step_at_or_after_the_last_epoch_is_one_line():
 # ------------------------------------------------------------------------- positive anchors a box
 
 
-def _dense_positives(boxes, height, width, base, stride, threshold):
-    """The definition: every anchor of the grid, the inside ones only, box_iou >= threshold, counted per box."""
+def _dense_positives(boxes, height, width, base, stride, threshold, border=0.0):
+    """The definition: every anchor of the grid, those the anchor target layer lets take part, box_iou >=
+    threshold, counted per box."""
     anchors = shift_anchors(base, math.ceil(height / stride), math.ceil(width / stride), stride).double()
-    inside = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] < width) & (anchors[:, 3] < height)
+    inside = taking_part(anchors, height, width, border)
     return (box_iou(boxes.double(), anchors[inside]) >= threshold).sum(dim=1)
 
 
@@ -105,7 +107,8 @@ def _dense_positives(boxes, height, width, base, stride, threshold):
     (600, 800, (8, 16, 32), 16, 0.7), (97, 131, (2, 4, 8), 8, 0.7), (320, 480, (1, 2, 4), 4, 0.7),
     (150, 200, (8, 16, 32), 16, 0.5), (320, 320, (2, 4, 8), 8, 0.3),
 ])
-def test_positive_counts_equal_the_search_over_every_anchor(height, width, scales, stride, threshold):
+@pytest.mark.parametrize("border", [0.0, 12.5, -1.0])
+def test_positive_counts_equal_the_search_over_every_anchor(height, width, scales, stride, threshold, border):
     g = torch.Generator().manual_seed(height + width)
     xy = torch.rand(300, 2, generator=g) * torch.tensor([width, height])
     side = 16 * scales[1] * torch.exp(torch.randn(300, 1, generator=g) * 0.5)  # near the anchors: many positives
@@ -113,8 +116,8 @@ def test_positive_counts_equal_the_search_over_every_anchor(height, width, scale
     boxes = torch.cat((xy, torch.minimum(xy + wh, torch.tensor([width - 1.0, height - 1.0]))), dim=1)
     base = generate_anchors(16, (0.5, 1, 2), scales)
     for b in (boxes, boxes.round()):  # integer corners hit IoUs exactly at the threshold
-        fast = positive_anchor_counts(b, height, width, base, stride, threshold)
-        dense = _dense_positives(b, height, width, base, stride, threshold)
+        fast = positive_anchor_counts(b, height, width, base, stride, threshold, border)
+        dense = _dense_positives(b, height, width, base, stride, threshold, border)
         assert torch.equal(fast, dense)
         assert int(dense.sum()) > 50  # the comparison has power
     assert positive_anchor_counts(torch.zeros(0, 4), height, width, base, stride, threshold).shape == (0,)

@@ -3,9 +3,10 @@
 Every ground-truth box is taken to *network-input pixels* with the resize policy
 (:func:`frcnn.transforms.compute_scale`: short side ``TRAIN.SCALES[0]``, long side at most ``MAX_SIZE``);
 the anchors are those of :mod:`frcnn.model.anchors` shifted over the feature grid of that resized image
-(``ceil(size / FEAT_STRIDE)`` cells), and, as in the anchor target layer, only anchors lying entirely
-inside the image count. For each box its best IoU with any such anchor (+1 convention,
-:func:`frcnn.boxes.box_iou`) says whether the RPN gets a positive anchor of type B (``>=
+(``ceil(size / FEAT_STRIDE)`` cells), and, as in the anchor target layer, only the anchors that take part in the
+RPN's loss count: those lying entirely inside the image, or crossing its border by at most
+``TRAIN.RPN_ALLOWED_BORDER`` pixels (every anchor when it is negative). For each box its best IoU with any such
+anchor (+1 convention, :func:`frcnn.boxes.box_iou`) says whether the RPN gets a positive anchor of type B (``>=
 TRAIN.RPN_POSITIVE_OVERLAP``, 0.7) or at least one that is not background (``>= RPN_NEGATIVE_OVERLAP``,
 0.3). A box below 0.3 is learnt from a single weak type-A anchor at best: its object is too small (or too
 large, or too elongated) for the anchors.
@@ -24,7 +25,7 @@ path: :func:`auto_anchor_fit`) is two separate parts:
   without an anchor at ``>= 0.7``, then at ``>= 0.3``, then the highest median best IoU; between equals, the set
   whose middle anchor is nearest the median box size. Replace that one function to choose otherwise; everything
   an :class:`AnchorFit` knows is available to it, including :meth:`AnchorFit.positives` (per box, the number of
-  inside anchors at ``>= RPN_POSITIVE_OVERLAP``, computed on demand).
+  anchors taking part at ``>= RPN_POSITIVE_OVERLAP``, computed on demand).
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ from frcnn.model.anchors import generate_anchors, level_anchors
 from frcnn.transforms import compute_scale
 
 __all__ = ["AnchorFit", "anchor_fit", "auto_anchor_fit", "auto_anchor_scales", "best_anchor_iou", "candidate_scales",
-           "describe_auto", "fit_criterion", "positive_anchor_counts", "resized_groups", "suggest_scales",
-           "write_histograms"]
+           "describe_auto", "fit_criterion", "positive_anchor_counts", "resized_groups", "shift_range",
+           "suggest_scales", "write_histograms"]
 
 
 @dataclass
@@ -74,22 +75,37 @@ def resized_groups(
             for (h, w), parts in groups.items()]
 
 
-def best_anchor_iou(boxes: Tensor, height: int, width: int, base_anchors: Tensor, stride: int) -> Tensor:
-    """(n,) best IoU of each box with the anchors lying inside a ``height`` x ``width`` network input.
+def shift_range(base_anchors: Tensor, height: int, width: int, stride: int,
+                border: float = 0.0) -> tuple[Tensor, Tensor]:
+    """The grid shifts (in cells, per anchor shape and axis x, y) at which an anchor takes part in the RPN's loss in a
+    ``height`` x ``width`` network input: ``(lo, hi)``, each shaped like ``base_anchors[..., :2]``, none where ``lo >
+    hi``. As :func:`frcnn.model.anchor_target.taking_part`: ``x1 >= -border`` and ``x2 < width + border`` (the same
+    in y), every shift of the ``ceil(size / stride)`` grid when ``border < 0``."""
+    a = base_anchors
+    grid = torch.tensor([math.ceil(width / stride), math.ceil(height / stride)], dtype=a.dtype)
+    if border < 0:
+        return torch.zeros_like(a[..., :2]), (grid - 1).expand_as(a[..., :2])
+    limit = torch.tensor([width, height], dtype=a.dtype) + border
+    lo = torch.ceil((-border - a[..., :2]) / stride).clamp(min=0)  # first shift keeping x1, y1 >= -border
+    hi = torch.minimum(torch.ceil((limit - a[..., 2:]) / stride) - 1, grid - 1)  # last keeping x2 < width + border
+    return lo, hi
+
+
+def best_anchor_iou(boxes: Tensor, height: int, width: int, base_anchors: Tensor, stride: int,
+                    border: float = 0.0) -> Tensor:
+    """(n,) best IoU of each box with the anchors taking part in a ``height`` x ``width`` network input (inside it,
+    or crossing its border by at most ``border`` pixels: :func:`shift_range`).
 
     Exact and O(n x A) rather than O(n x H x W x A): for a fixed anchor shape the intersection with a box is a
     product of an x and a y term, each non-increasing in the distance between the centres along its axis, so
-    over the grid of shifts the best anchor of each shape is the inside one whose centre is nearest the box's
-    along each axis (the nearest grid index clamped to the range of shifts that keep the anchor inside).
+    over the grid of shifts the best anchor of each shape is the one taking part whose centre is nearest the box's
+    along each axis (the nearest grid index clamped to :func:`shift_range`).
     ``tests/test_anchor_fit.py`` checks it against every anchor of :func:`shift_anchors` with :func:`box_iou`.
     """
     if boxes.shape[0] == 0:
         return boxes.new_zeros(0)
-    grid = torch.tensor([math.ceil(width / stride), math.ceil(height / stride)], dtype=boxes.dtype)
-    limit = torch.tensor([width, height], dtype=boxes.dtype)
     a = base_anchors.to(boxes.dtype)[None]  # (1, A, 4)
-    lo = torch.ceil(-a[..., :2] / stride).clamp(min=0)  # first shift keeping x1, y1 >= 0
-    hi = torch.minimum(torch.ceil((limit - a[..., 2:]) / stride) - 1, grid - 1)  # last keeping x2 < width
+    lo, hi = shift_range(a, height, width, stride, border)
     centre = (boxes[:, None, :2] + boxes[:, None, 2:]) / 2  # (n, 1, 2)
     ideal = (centre - (a[..., :2] + a[..., 2:]) / 2) / stride
     k = torch.minimum(torch.maximum(torch.round(ideal), lo), hi)  # (n, A, 2)
@@ -98,19 +114,16 @@ def best_anchor_iou(boxes: Tensor, height: int, width: int, base_anchors: Tensor
     wh = (torch.minimum(b[..., 2:], shifted[..., 2:]) - torch.maximum(b[..., :2], shifted[..., :2]) + 1).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
     iou = inter / (box_area(b) + box_area(shifted) - inter)
-    iou = torch.where((lo <= hi).all(dim=-1), iou, torch.zeros_like(iou))  # no inside anchor of that shape
+    iou = torch.where((lo <= hi).all(dim=-1), iou, torch.zeros_like(iou))  # no anchor of that shape takes part
     return iou.max(dim=1).values
 
 
-def anchors_inside(height: int, width: int, base_anchors: Tensor, stride: int) -> Tensor:
-    """(A,) bool: whether each anchor shape lies entirely inside a ``height`` x ``width`` network input at some
-    position of the feature grid (the anchor target layer labels only such anchors; the others are never
-    trained, yet the proposal layer still ranks them, clipped, at test time)."""
-    grid = torch.tensor([math.ceil(width / stride), math.ceil(height / stride)], dtype=torch.float64)
-    limit = torch.tensor([width, height], dtype=torch.float64)
-    a = base_anchors.to(torch.float64)
-    lo = torch.ceil(-a[:, :2] / stride).clamp(min=0)
-    hi = torch.minimum(torch.ceil((limit - a[:, 2:]) / stride) - 1, grid - 1)
+def anchors_inside(height: int, width: int, base_anchors: Tensor, stride: int, border: float = 0.0) -> Tensor:
+    """(A,) bool: whether each anchor shape takes part in the RPN's loss in a ``height`` x ``width`` network input
+    at some position of the feature grid (lies inside it, or crosses its border by at most ``border`` pixels: the
+    anchor target layer labels only such anchors; the others are never trained, yet the proposal layer still ranks
+    them, clipped, at test time)."""
+    lo, hi = shift_range(base_anchors.to(torch.float64), height, width, stride, border)
     return (lo <= hi).all(dim=-1)
 
 
@@ -118,10 +131,10 @@ _EPS = 1e-9  # IoU exactly at the threshold counts (>=) despite float rounding
 
 
 def positive_anchor_counts(boxes: Tensor, height: int, width: int, base_anchors: Tensor, stride: int,
-                           threshold: float) -> Tensor:
-    """(n,) for each box, how many anchors lying inside a ``height`` x ``width`` network input have IoU ``>=
-    threshold`` with it (+1 convention): its type-B positives in the anchor target layer, before sampling (an
-    anchor at ``>= threshold`` with two boxes counts for both).
+                           threshold: float, border: float = 0.0) -> Tensor:
+    """(n,) for each box, how many anchors taking part in a ``height`` x ``width`` network input
+    (:func:`shift_range`) have IoU ``>= threshold`` with it (+1 convention): its type-B positives in the anchor
+    target layer, before sampling (an anchor at ``>= threshold`` with two boxes counts for both).
 
     Exact without building the grid: IoU ``>= t`` is ``ix * iy >= t (area_box + area_anchor) / (1 + t)`` with ``ix``,
     ``iy`` the overlaps along x and y, and it needs ``ix >= t max(w_box, w_anchor)``. So for each anchor shape only
@@ -135,10 +148,7 @@ def positive_anchor_counts(boxes: Tensor, height: int, width: int, base_anchors:
     t = float(threshold)
     b = boxes.to(torch.float64)[:, None, :]  # (n, 1, 4)
     a = base_anchors.to(torch.float64)[None]  # (1, A, 4)
-    grid = torch.tensor([math.ceil(width / stride), math.ceil(height / stride)], dtype=torch.float64)
-    limit = torch.tensor([width, height], dtype=torch.float64)
-    lo = torch.ceil(-a[..., :2] / stride).clamp(min=0)  # (1, A, 2) inside shifts per axis, as in best_anchor_iou
-    hi = torch.minimum(torch.ceil((limit - a[..., 2:]) / stride) - 1, grid - 1)
+    lo, hi = shift_range(a, height, width, stride, border)  # (1, A, 2) the shifts taking part, per axis
     b_len, a_len = b[..., 2:] - b[..., :2] + 1, a[..., 2:] - a[..., :2] + 1  # extents along x, y
     need = t * (b_len.prod(-1) + a_len.prod(-1)) / (1 + t)  # (n, A) the intersection IoU >= t needs
     # x shifts s with ix(s) >= p: p + bx1 - ax2 - 1 <= s <= bx2 - ax1 + 1 - p
@@ -176,6 +186,7 @@ class AnchorFit:
     groups: list[Group] | None = field(default=None, repr=False)  # for positives(), in the order of best_iou
     _positives: Tensor | None = field(default=None, repr=False)
     levels: tuple[int, ...] = ()  # NECK=fpn: the pyramid's strides (the anchors of every level); C4: ()
+    border: float = 0.0  # TRAIN.RPN_ALLOWED_BORDER: which anchors take part (shift_range)
 
     @property
     def count(self) -> int:
@@ -193,10 +204,10 @@ class AnchorFit:
         return [16 * s for s in self.scales]
 
     def positives(self) -> Tensor:
-        """(n,) per box, the inside anchors at IoU ``>= positive`` (:func:`positive_anchor_counts`); computed
-        on first use."""
+        """(n,) per box, the anchors taking part at IoU ``>= positive`` (:func:`positive_anchor_counts`);
+        computed on first use."""
         if self._positives is None:
-            counts = [sum(positive_anchor_counts(g.boxes, g.height, g.width, base, stride, self.positive)
+            counts = [sum(positive_anchor_counts(g.boxes, g.height, g.width, base, stride, self.positive, self.border)
                           for base, stride in self.anchor_levels()) for g in self.groups or []]
             self._positives = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
         return self._positives
@@ -207,13 +218,14 @@ class AnchorFit:
         return float(counts.double().mean()) if counts.numel() else None
 
     def untrained_anchors(self) -> list[tuple[int, int]]:
-        """(width, height) in pixels of the anchor shapes that lie inside no training image at this scale: the RPN
-        never learns their scores, yet at test time they propose (clipped) among the others."""
+        """(width, height) in pixels of the anchor shapes that take part in no training image at this scale (lie
+        inside none; :func:`anchors_inside`): the RPN never learns their scores, yet at test time they propose
+        (clipped) among the others. None when every anchor takes part (``TRAIN.RPN_ALLOWED_BORDER < 0``)."""
         shapes = []
         for base, stride in self.anchor_levels():
             fits = torch.zeros(base.shape[0], dtype=torch.bool)
             for g in self.groups or []:
-                fits |= anchors_inside(g.height, g.width, base, stride)
+                fits |= anchors_inside(g.height, g.width, base, stride, self.border)
             wh = base[:, 2:] - base[:, :2] + 1
             shapes += [(round(float(w)), round(float(h))) for (w, h), ok in zip(wh.tolist(), fits.tolist()) if not ok]
         return shapes
@@ -270,7 +282,8 @@ def anchor_fit(
         groups = resized_groups(samples, target_size, cfg.TRAIN.MAX_SIZE)
     levels = pyramid_strides(cfg) if cfg.NECK == "fpn" else ()
     anchors = level_base_anchors(scales, cfg.ANCHOR_RATIOS, cfg.FEAT_STRIDE, levels)
-    best = [torch.stack([best_anchor_iou(g.boxes, g.height, g.width, base, stride) for base, stride in anchors])
+    border = cfg.TRAIN.RPN_ALLOWED_BORDER
+    best = [torch.stack([best_anchor_iou(g.boxes, g.height, g.width, base, stride, border) for base, stride in anchors])
             .max(dim=0).values for g in groups]
     boxes = torch.cat([g.boxes for g in groups]) if groups else torch.zeros(0, 4)
     w, h = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
@@ -278,7 +291,7 @@ def anchor_fit(
                      cfg.TRAIN.RPN_POSITIVE_OVERLAP, cfg.TRAIN.RPN_NEGATIVE_OVERLAP, (w * h).sqrt(), h / w,
                      torch.cat([g.labels for g in groups]) if groups else torch.zeros(0, dtype=torch.long),
                      torch.cat(best) if best else torch.zeros(0), sum(g.images for g in groups), groups,
-                     levels=tuple(levels))
+                     levels=tuple(levels), border=border)
 
 
 def level_base_anchors(scales: Sequence[float], ratios: Sequence[float], stride: int, levels: Sequence[int] = ()
@@ -416,6 +429,12 @@ def write_histograms(fit: AnchorFit, path) -> None:
 # --------------------------------------------------------------------------------------------- the table
 
 
+def _taking_part(border: float) -> str:
+    if border < 0:
+        return "every anchor (TRAIN.RPN_ALLOWED_BORDER < 0)"
+    return f"anchors inside the image{f' or crossing its border by <= {border:g} px' if border else ' only'}"
+
+
 def _pct(n: int, total: int) -> str:
     return f"{n} ({100 * n / total:.1f}%)" if total else "0"
 
@@ -429,7 +448,7 @@ def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str]
     n = current.count
     where = (f"FPN levels at strides {_nums(current.levels)}" if current.levels else f"stride {current.stride}")
     lines = [f"anchor fit: {n} boxes (not difficult, after repairs) at scale {current.target_size} "
-             f"(max {current.max_size}), {where}, anchors inside the image only"]
+             f"(max {current.max_size}), {where}, {_taking_part(current.border)}"]
     if not n:
         return lines
     configured = "auto -> " if auto else ""

@@ -1,6 +1,8 @@
 """Anchor target layer: which anchors the RPN learns from, and what it learns.
 
-Per image, only anchors lying entirely inside the image take part. Foreground: for each gt box the
+Per image, only anchors lying inside the image take part (``RPN_ALLOWED_BORDER``: by default entirely
+inside; a margin in pixels lets anchors cross the border by that much, a negative one lets every anchor take
+part). Foreground: for each gt box the
 anchors of maximal IoU with it, ties included ("type A"), and every anchor whose best IoU is at least
 ``RPN_POSITIVE_OVERLAP`` ("type B"). Background: best IoU below ``RPN_NEGATIVE_OVERLAP``. The rest are
 "don't care" (-1). Then at most ``RPN_FG_FRACTION * RPN_BATCHSIZE`` foreground and
@@ -46,6 +48,15 @@ def subsample(mask: Tensor, keep: int, generator: torch.Generator | None) -> Ten
     return out
 
 
+def taking_part(anchors: Tensor, height: int, width: int, border: float) -> Tensor:
+    """(M,) bool: the anchors lying inside a ``height`` x ``width`` image, crossing its border by at most
+    ``border`` pixels (+1 convention: the last pixel column is ``width - 1``); all of them if ``border < 0``."""
+    if border < 0:
+        return torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+    return ((anchors[:, 0] >= -border) & (anchors[:, 1] >= -border)
+            & (anchors[:, 2] < width + border) & (anchors[:, 3] < height + border))
+
+
 @torch.no_grad()
 def anchor_target_layer(
     anchors: Tensor,
@@ -64,7 +75,7 @@ def anchor_target_layer(
     record: dict[str, list[Tensor]] = {"type_a": [], "type_b": [], "inside": [], "max_overlaps": []}
     for i, gt in enumerate(gt_boxes):
         h, w = image_sizes[i].tolist()
-        inside = (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] < w) & (anchors[:, 3] < h)
+        inside = taking_part(anchors, h, w, cfg.RPN_ALLOWED_BORDER)
         max_overlaps = anchors.new_zeros(m)
         type_a = torch.zeros_like(inside)
         if gt.numel() == 0:  # an image without objects: every inside anchor is background
