@@ -25,6 +25,7 @@ from frcnn.explain.stages import (
     match_detections,
     proposal_target_numbers,
 )
+from frcnn.model.detector import FasterRCNN
 from frcnn.model.trace import Trace
 from frcnn.transforms import batch_images, image_to_tensor, prep_image
 from frcnn.viz import charts
@@ -134,6 +135,23 @@ def test_anchor_target_counts_equal_the_layers_and_sum_to_the_inside_anchors(net
     assert n["fg_sampled"] <= cfg.TRAIN.RPN_FG_FRACTION * cfg.TRAIN.RPN_BATCHSIZE
     assert n["bg_before_sampling"] >= cfg.TRAIN.RPN_BATCHSIZE  # enough exist, so the batch is full:
     assert n["fg_sampled"] + n["bg_sampled"] == cfg.TRAIN.RPN_BATCHSIZE == n["TRAIN.RPN_BATCHSIZE"]
+    # the default rule (the reference's): anchors crossing the border take no part, and the page says so
+    assert n["TRAIN.RPN_ALLOWED_BORDER"] == 0 and n["inside_anchors"] < n["anchors"]
+    assert "the anchor target layer labels every anchor lying inside the image:" in stages["05_targets"].text
+
+
+def test_with_every_anchor_taking_part_the_counts_and_the_page_say_so():
+    from dataclasses import replace
+
+    cfg = config()
+    cfg = replace(cfg, TRAIN=replace(cfg.TRAIN, RPN_ALLOWED_BORDER=-1))  # scratch-cpu's rule
+    torch.manual_seed(0)
+    net = FasterRCNN(cfg, num_classes=len(CLASSES), load_pretrained=False).eval()
+    run = run_traced(net, cfg, CLASSES, picture(), GroundTruth(BOXES.clone(), LABELS.clone()), warmup=False)
+    stage = {s.key: s for s in build_stages(run, threshold=0.2)}["05_targets"]
+    n = stage.numbers["anchor_target"]
+    assert n["TRAIN.RPN_ALLOWED_BORDER"] == -1 and n["inside_anchors"] == n["anchors"]
+    assert "labels every anchor (TRAIN.RPN_ALLOWED_BORDER < 0: those crossing the image border too):" in stage.text
 
 
 def test_proposal_target_counts_equal_the_layers(net, traced, stages):

@@ -113,5 +113,5 @@ def anchor_target_layer(
     if trace is not None:
         trace.put("anchor_target", labels=labels, **{k: torch.stack(v) for k, v in record.items()},
                   positive_overlap=cfg.RPN_POSITIVE_OVERLAP, negative_overlap=cfg.RPN_NEGATIVE_OVERLAP,
-                  batch_size=cfg.RPN_BATCHSIZE, fg_fraction=cfg.RPN_FG_FRACTION)
+                  batch_size=cfg.RPN_BATCHSIZE, fg_fraction=cfg.RPN_FG_FRACTION, allowed_border=cfg.RPN_ALLOWED_BORDER)
     return labels, targets

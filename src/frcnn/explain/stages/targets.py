@@ -47,6 +47,7 @@ def anchor_target_numbers(run: ExplainRun) -> dict[str, Any]:
         "TRAIN.RPN_FG_FRACTION": rec.get("fg_fraction"),
         "TRAIN.RPN_POSITIVE_OVERLAP": rec["positive_overlap"],
         "TRAIN.RPN_NEGATIVE_OVERLAP": rec["negative_overlap"],
+        "TRAIN.RPN_ALLOWED_BORDER": rec.get("allowed_border", 0.0),
         "time_ms": _ms(run, "anchor_target"),
     }
 
@@ -113,7 +114,11 @@ def targets_stage(run: ExplainRun) -> Stage | None:
                       extra=[("bg RoI", BACKGROUND_COLOR), ("matched gt (line: RoI to its gt)", GT_COLOR)])])
     numbers = {"anchor_target": at, "proposal_target": pt, "gt_boxes": int(run.gt.boxes.shape[0]),
                "gt_source": run.gt.source}
-    text = ("With ground truth, the anchor target layer labels every anchor lying inside the image: foreground if "
+    border = at["TRAIN.RPN_ALLOWED_BORDER"]
+    which = ("every anchor (TRAIN.RPN_ALLOWED_BORDER < 0: those crossing the image border too)" if border < 0 else
+             "every anchor lying inside the image" if border == 0 else
+             f"every anchor lying inside the image or crossing its border by at most {border:g} px")
+    text = (f"With ground truth, the anchor target layer labels {which}: foreground if "
             "it is the best match of some gt box (type A) or overlaps one by at least "
             f"{at['TRAIN.RPN_POSITIVE_OVERLAP']:g} "
             f"(type B), background below {at['TRAIN.RPN_NEGATIVE_OVERLAP']:g}, otherwise don't care; then it samples "
