@@ -41,10 +41,18 @@ def read_audit(path: str | Path, classes: tuple[str, ...]) -> dict[str, list[tup
     """``image_id -> [(label, box), ...]`` of the audit file's ``boxes`` (labels 1..K in ``classes`` order)."""
     index = {name: k for k, name in enumerate(classes, start=1)}
     out: dict[str, list[tuple[int, list[float]]]] = {}
-    for entry in json.loads(Path(path).read_text())["boxes"]:
-        if entry["class"] not in index:
-            raise ValueError(f"{path}: class {entry['class']!r} of {entry['image']} is not one of {', '.join(classes)}")
-        out.setdefault(entry["image"], []).append((index[entry["class"]], [float(v) for v in entry["box"]]))
+    try:
+        for entry in json.loads(Path(path).read_text())["boxes"]:
+            if entry["class"] not in index:
+                known = ", ".join(classes)
+                raise ValueError(f"{path}: class {entry['class']!r} of {entry['image']} is not one of {known}")
+            box = [float(v) for v in entry["box"]]
+            if len(box) != 4:
+                raise ValueError(f"{path}: the box of {entry['image']} has {len(box)} numbers, not 4")
+            out.setdefault(entry["image"], []).append((index[entry["class"]], box))
+    except (KeyError, TypeError) as e:
+        why = f"missing {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path}: not an audit file (a list 'boxes' of image, class and box; {why})") from None
     return out
 
 
@@ -107,20 +115,23 @@ def main(argv: list[str] | None = None) -> int:
     from frcnn.engine.inference import Predictor
     from frcnn.errors import FrcnnError
 
-    rows, classes = [], None
+    rows, dataset, added = [], None, {}
     try:
         for run in args.runs:
             predictor = Predictor.from_checkpoint(run, "cpu")
-            dataset = open_repaired(args.data, args.split, classes=predictor.class_names)
-            classes = tuple(dataset.classes)
-            added = read_audit(args.audit, classes)
+            if dataset is None:  # read and checked once, with the first checkpoint's classes
+                dataset = open_repaired(args.data, args.split, classes=predictor.class_names)
+                added = read_audit(args.audit, tuple(dataset.classes))
+            elif tuple(predictor.class_names) != tuple(dataset.classes):
+                raise ValueError(f"{run}: classes {', '.join(predictor.class_names)} differ from the first "
+                                 f"checkpoint's ({', '.join(dataset.classes)})")
             published, audited = score_both(dataset, collect_detections(predictor, dataset, progress=False), added)
             rows.append((str(run), published, audited))
             print(f"{run}: published {published['map']:.4f}, audited {audited['map']:.4f}", file=sys.stderr)
     except (FrcnnError, ValueError, OSError) as e:
         print(f"eval_audited: error: {e}", file=sys.stderr)
         return 2
-    text = table(rows, classes)
+    text = table(rows, tuple(dataset.classes))
     print(text)
     if args.out is not None:
         args.out.write_text(text + "\n")

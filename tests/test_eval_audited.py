@@ -72,6 +72,12 @@ def test_an_audit_that_does_not_fit_the_split_is_refused(tmp_path):
     bad.write_text(json.dumps({"boxes": [{"image": "a", "class": "star", "box": [0, 0, 9, 9]}]}))
     with pytest.raises(ValueError, match="class 'star' of a is not one of square, circle"):
         audited.read_audit(bad, TwoImages.classes)
+    for text, says in ((json.dumps({"boxes": [{"image": "a", "box": [0, 0, 9, 9]}]}), "missing 'class'"),
+                       (json.dumps({"box": []}), "missing 'boxes'"), ("[1]", "not an audit file"),
+                       (json.dumps({"boxes": [{"image": "a", "class": "circle", "box": [0, 9]}]}), "has 2 numbers")):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=says):
+            audited.read_audit(bad, TwoImages.classes)
     ok = tmp_path / "ok.json"
     ok.write_text(json.dumps({"boxes": [{"image": "a", "class": "circle", "box": [0, 0, 9, 9]}]}))
     assert audited.read_audit(ok, TwoImages.classes) == {"a": [(2, [0.0, 0.0, 9.0, 9.0])]}

@@ -47,7 +47,7 @@ def anchor_target_numbers(run: ExplainRun) -> dict[str, Any]:
         "TRAIN.RPN_FG_FRACTION": rec.get("fg_fraction"),
         "TRAIN.RPN_POSITIVE_OVERLAP": rec["positive_overlap"],
         "TRAIN.RPN_NEGATIVE_OVERLAP": rec["negative_overlap"],
-        "TRAIN.RPN_ALLOWED_BORDER": rec.get("allowed_border", 0.0),
+        "TRAIN.RPN_ALLOWED_BORDER": rec["allowed_border"],
         "time_ms": _ms(run, "anchor_target"),
     }
 
