@@ -206,6 +206,12 @@ def test_non_finite_numbers_are_refused(override):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override", ["TRAIN.RPN_SIGMA=0", "TRAIN.RCNN_SIGMA=-1"])
+def test_non_positive_smooth_l1_sigma_is_refused(override):
+    with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]}=.* must be positive$"):
+        load_config(None, [override])
+
+
 @pytest.mark.parametrize("blocks", [-1, 4])
 def test_fixed_blocks_out_of_range_is_refused(blocks):
     with pytest.raises(ConfigError, match="FIXED_BLOCKS"):

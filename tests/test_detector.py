@@ -294,3 +294,36 @@ def test_class_specific_deltas_then_clipping_to_the_image():
     assert rows[1] == pytest.approx([10.0, 10.0, 29.0, 19.0])  # zero deltas: the RoI itself
     # class 2: centre x 30, w 20 -> x 20..39 clipped to 35; h 20 around 15 -> y 5..24 clipped to 23
     assert rows[2] == pytest.approx([20.0, 5.0, 35.0, 23.0], abs=1e-4)
+
+
+@pytest.mark.parametrize(("rpn_sigma", "rcnn_sigma"), [(3.0, 1.0), (1.0, 3.0)])
+def test_box_losses_use_the_configured_sigmas(monkeypatch, rpn_sigma, rcnn_sigma):
+    """TRAIN.RPN_SIGMA / RCNN_SIGMA reach the two box losses: each equals torch's smooth L1 with beta 1/sigma^2
+    over the foreground boxes the layer was given (the reference's 3 and 1 by default)."""
+    import torch.nn.functional as F
+
+    import frcnn.model.detector as detector
+
+    seen = {}
+
+    def spy(name, fn):
+        def wrapped(*args):
+            seen[name] = args
+            return fn(*args)
+        return wrapped
+
+    monkeypatch.setattr(detector, "rpn_loss", spy("rpn", detector.rpn_loss))
+    monkeypatch.setattr(detector, "fast_rcnn_loss", spy("rcnn", detector.fast_rcnn_loss))
+    model = _model(f"TRAIN.RPN_SIGMA={rpn_sigma}", f"TRAIN.RCNN_SIGMA={rcnn_sigma}")
+    losses = _train_forward(model, n=1)
+    _, deltas, labels, targets, sigma = seen["rpn"]
+    assert sigma == rpn_sigma
+    fg = labels[0] == 1
+    expected = F.smooth_l1_loss(deltas[0, fg].float(), targets[0, fg], beta=1 / rpn_sigma**2, reduction="sum")
+    torch.testing.assert_close(losses["rpn_box"], expected / (labels[0] >= 0).sum())
+    _, bbox_pred, roi_labels, roi_targets, sigma, _ = seen["rcnn"]
+    assert sigma == rcnn_sigma
+    fg = (roi_labels > 0).nonzero()[:, 0]
+    pred = bbox_pred.float().view(len(roi_labels), -1, 4)[fg, roi_labels[fg]]
+    expected = F.smooth_l1_loss(pred, roi_targets[fg].float(), beta=1 / rcnn_sigma**2, reduction="sum")
+    torch.testing.assert_close(losses["rcnn_box"], expected / len(roi_labels))

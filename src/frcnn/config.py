@@ -87,6 +87,10 @@ class TrainConfig:
     RPN_ALLOWED_BORDER: float = 0.0
     RPN_FG_FRACTION: float = 0.5
     RPN_BATCHSIZE: int = 256
+    # smooth L1 of the box losses: quadratic below 1 / sigma^2, linear above (the reference: sigma 3 for the RPN,
+    # 1 for the classification layer; torchvision: beta = 1 / sigma^2 = 1/9 for both)
+    RPN_SIGMA: float = 3.0
+    RCNN_SIGMA: float = 1.0
     # proposal layer while training
     RPN_NMS_THRESH: float = 0.7
     RPN_PRE_NMS_TOP_N: int = 12000
@@ -191,6 +195,9 @@ class Config:
                            ("TEST.RPN_NMS_THRESH", self.TEST.RPN_NMS_THRESH)):
             if not 0 <= value <= 1:
                 raise ConfigError(f"{key}={value} is an IoU threshold: it must lie in [0, 1]")
+        for key in ("RPN_SIGMA", "RCNN_SIGMA"):
+            if getattr(self.TRAIN, key) <= 0:
+                raise ConfigError(f"TRAIN.{key}={getattr(self.TRAIN, key)} must be positive")
         if self.TEST.MAX_PER_IMAGE < 1:
             raise ConfigError(f"TEST.MAX_PER_IMAGE={self.TEST.MAX_PER_IMAGE} must be at least 1")
         if len(self.PIXEL_MEANS) != 3 or len(self.PIXEL_STDS) != 3:

@@ -141,7 +141,8 @@ class FasterRCNN(nn.Module):
         if gt_boxes is not None and gt_labels is not None:
             with maybe_timed(trace, "anchor_target"):
                 labels, targets = anchor_target_layer(anchors, gt_boxes, image_sizes, cfg.TRAIN, generator, trace)
-            losses["rpn_cls"], losses["rpn_box"] = rpn_loss(rpn_logits, rpn_deltas, labels, targets, sigma=3.0)
+            losses["rpn_cls"], losses["rpn_box"] = rpn_loss(rpn_logits, rpn_deltas, labels, targets,
+                                                            cfg.TRAIN.RPN_SIGMA)
             with maybe_timed(trace, "proposal_target"):  # sampled rois keep the gradient; targets do not
                 sampled = proposal_target_layer(rois, gt_boxes, gt_labels, cfg.TRAIN, generator, trace)
             if train:
@@ -159,7 +160,7 @@ class FasterRCNN(nn.Module):
             cls_logits, bbox_pred = self.classifier(pooled)
         if train:
             losses["rcnn_cls"], losses["rcnn_box"] = fast_rcnn_loss(cls_logits, bbox_pred, roi_labels, roi_targets,
-                                                                  image_index=rois[:, 0].long())
+                                                                  cfg.TRAIN.RCNN_SIGMA, rois[:, 0].long())
             return losses
         with maybe_timed(trace, "detections"):
             return self.detect(rois, cls_logits, bbox_pred, image_sizes, trace)

@@ -1,7 +1,7 @@
 """RPN loss and classification loss: cross entropy plus smooth L1 with sigma.
 
 ``smooth_l1(x, sigma) = 0.5 * (sigma * x)^2`` if ``|x| < 1 / sigma^2`` else ``|x| - 0.5 / sigma^2``
-(sigma = 3 for the RPN, 1 for the classification layer, as in the reference).
+(sigma: TRAIN.RPN_SIGMA, 3 as in the reference, and TRAIN.RCNN_SIGMA, 1; beta = 1 / sigma^2 in torch's terms).
 
 Every loss is a mean over images of each image's own mean (over its sampled anchors or RoIs). With one
 image per batch, as in the reference, that is the plain mean; with several it makes the loss of a batch
