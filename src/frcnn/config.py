@@ -320,13 +320,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Anchors crossing the image border take part in the RPN's loss (TRAIN.RPN_ALLOWED_BORDER -1, as in torchvision and
     # detectron2; the reference's 0 labels only anchors inside): on BCCD test (benchmarks/results/scratch_cpu.md, Intel
     # machine, 2026-12-03) seeds 0-3 0.8975, 0.9030, 0.9024, 0.9025 against 0.8955, 0.8874, 0.8999, 0.8996 (mean of
-    # seeds 0-2 0.9010 against 0.8943; torchvision at the same budget there 0.9011). Earlier on an AMD machine, before
-    # fused SGD and training's own RoI pooling: 0.9033 (RBC 0.819), torchvision at the same budget 0.8992; 32 RoIs over
-    # 20 epochs (about the same time) gave 0.8975, with weight decay 1e-4 0.8968, 12 epochs of 2 images in float32
-    # 0.8886, 6 epochs of 1 image 0.8756. Measured and not kept: torchvision's box-loss knee (TRAIN.RCNN_SIGMA 3) 0.8972
-    # over seeds 0-3 against 0.9014 (Intel), an average of the weights (TRAIN.EMA_DECAY 0.998) 0.9034, a cosine LR
-    # 0.8958, 20 epochs 0.8928; 14 epochs of 1 image and 128 RoIs, about 3x the time, mean 0.8850 over 2 seeds; random
-    # crops with colour jitter lost 1.8 points and GroupNorm 1.4 (one seed each, 1 image a batch).
+    # seeds 0-2 0.9010 against 0.8943; seeds 0-4 0.9022, torchvision at the same budget there 0.9006). Earlier on an AMD
+    # machine, before fused SGD and training's own RoI pooling: 0.9033 (RBC 0.819), torchvision at the same budget
+    # 0.8992; 32 RoIs over 20 epochs (about the same time) gave 0.8975, with weight decay 1e-4 0.8968, 12 epochs of 2
+    # images in float32 0.8886, 6 epochs of 1 image 0.8756. Measured and not kept: torchvision's box-loss knee
+    # (TRAIN.RCNN_SIGMA 3) 0.8972 over seeds 0-3 against 0.9014 (Intel), an average of the weights (TRAIN.EMA_DECAY
+    # 0.998) 0.9034, a cosine LR 0.8958, 20 epochs 0.8928; 14 epochs of 1 image and 128 RoIs, about 3x the time, mean
+    # 0.8850 over 2 seeds; random crops with colour jitter lost 1.8 points and GroupNorm 1.4 (one seed each, 1 image a
+    # batch).
     "scratch-cpu": {
         "BACKBONE": "tiny",
         "FEAT_STRIDE": 8,
