@@ -42,11 +42,18 @@ def read_audit(path: str | Path, classes: tuple[str, ...]) -> dict[str, list[tup
     index = {name: k for k, name in enumerate(classes, start=1)}
     out: dict[str, list[tuple[int, list[float]]]] = {}
     try:
-        for entry in json.loads(Path(path).read_text())["boxes"]:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    try:
+        for entry in data["boxes"]:
             if entry["class"] not in index:
                 known = ", ".join(classes)
                 raise ValueError(f"{path}: class {entry['class']!r} of {entry['image']} is not one of {known}")
-            box = [float(v) for v in entry["box"]]
+            try:
+                box = [float(v) for v in entry["box"]]
+            except ValueError:
+                raise ValueError(f"{path}: the box of {entry['image']} is not 4 numbers: {entry['box']!r}") from None
             if len(box) != 4:
                 raise ValueError(f"{path}: the box of {entry['image']} has {len(box)} numbers, not 4")
             out.setdefault(entry["image"], []).append((index[entry["class"]], box))

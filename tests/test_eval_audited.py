@@ -74,7 +74,10 @@ def test_an_audit_that_does_not_fit_the_split_is_refused(tmp_path):
         audited.read_audit(bad, TwoImages.classes)
     for text, says in ((json.dumps({"boxes": [{"image": "a", "box": [0, 0, 9, 9]}]}), "missing 'class'"),
                        (json.dumps({"box": []}), "missing 'boxes'"), ("[1]", "not an audit file"),
-                       (json.dumps({"boxes": [{"image": "a", "class": "circle", "box": [0, 9]}]}), "has 2 numbers")):
+                       (json.dumps({"boxes": [{"image": "a", "class": "circle", "box": [0, 9]}]}), "has 2 numbers"),
+                       (json.dumps({"boxes": [{"image": "a", "class": "circle", "box": ["x", 0, 9, 9]}]}),
+                        r"the box of a is not 4 numbers: \['x', 0, 9, 9\]"),
+                       ('{"boxes": [', "not a JSON file")):
         bad.write_text(text)
         with pytest.raises(ValueError, match=says):
             audited.read_audit(bad, TwoImages.classes)
