@@ -7,12 +7,17 @@ Run from the repository root (the full benchmark: 3 seeds x 2 libraries x demo-c
     options: --config PRESET_OR_YAML (default demo-cpu), --set KEY=VALUE (repeatable, both libraries),
              --iters N, --seeds 0,1,2, --libs frcnn,torchvision, --threads N, --data VOC_ROOT,
              --out FILE.md (a .json next to it), --work DIR (run folders; default a temporary folder, removed)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_accuracy.py --rescore --out FILE.md  # see below
 
 Each (seed, library) run trains on BCCD ``trainval`` for ``TRAIN.MAX_ITERS`` iterations and is scored on BCCD
 ``test`` by frcnn's evaluator (:func:`frcnn.engine.evaluate.score_detections`, VOC07 11-point AP at IoU > 0.5,
-what ``frcnn eval`` prints). Results: a markdown table (per seed and the mean: mAP, AP per class, seconds per
+what ``frcnn eval`` prints), and for localisation by AP75 (IoU > 0.75) and AP .50:.95 (the mean over IoU > 0.50, 0.55,
+.., 0.95), both the all-point area AP (:func:`localisation`): at IoU 0.5 two detectors can tie while one draws
+tighter boxes. Results: a markdown table (per seed and the mean: mAP, AP per class, seconds per
 training iteration, training and test time) printed and written to ``--out``, the same numbers as JSON beside it,
-rewritten after every run (a stopped benchmark keeps what it finished).
+rewritten after every run (a stopped benchmark keeps what it finished). ``--rescore --out FILE.md`` reads
+FILE.json, detects again with each run's saved model (its run folder, kept with ``--work``), checks that VOC07 mAP
+is the one recorded, and adds what the run lacks (AP75 and AP .50:.95 to results written before they existed).
 
 frcnn: exactly ``frcnn train``: the training set read by :func:`frcnn.data.check.training_set` (checked, repaired),
 :func:`frcnn.engine.train.train` with the config (``--config`` + ``--set`` + ``RNG_SEED=seed``) into
@@ -422,6 +427,23 @@ def detect_torchvision(model: TVFasterRCNN, cfg: Config, dataset) -> list[Detect
 
 # ------------------------------------------------------------------------------------------------ runs
 
+LOCALISATION_IOUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # 0.50, 0.55, .., 0.95
+
+
+def localisation(dataset, detections: list[Detections]) -> dict[str, float]:
+    """``{"ap75", "ap50_95"}``: the mean over classes of the all-point (area) AP at IoU > 0.75, and its mean over
+    IoU > 0.50, 0.55, .., 0.95 (COCO's thresholds, frcnn's strict ``>`` and +1 box convention); classes without
+    ground truth left out."""
+    from frcnn.engine.evaluate import pr_curves
+
+    def mean_ap(iou: float) -> float:
+        aps = [c["ap"] for c in pr_curves(dataset, detections, iou).values() if c["ap"] is not None]
+        return sum(aps) / len(aps) if aps else float("nan")
+
+    by_iou = {iou: mean_ap(iou) for iou in LOCALISATION_IOUS}
+    return {"ap75": by_iou[0.75], "ap50_95": sum(by_iou.values()) / len(by_iou)}
+
+
 def run_frcnn(cfg: Config, train_set, test_set, run_dir: Path, tag: str) -> dict:
     from frcnn.engine.evaluate import collect_detections, score_detections
     from frcnn.engine.inference import Predictor
@@ -438,6 +460,7 @@ def run_frcnn(cfg: Config, train_set, test_set, run_dir: Path, tag: str) -> dict
     test_s = time.perf_counter() - t1
     result = score_detections(test_set, detections, "voc07")
     return {"loop_s": last["elapsed"], "train_s": train_s, "test_s": test_s, "result": result,
+            "localisation": localisation(test_set, detections),
             "final_losses": {k: last[k] for k in (*LOSS_KEYS, "total")}}
 
 
@@ -452,6 +475,7 @@ def run_torchvision(cfg: Config, train_set, test_set, run_dir: Path, tag: str) -
     detections = detect_torchvision(model, cfg, test_set)
     info["test_s"] = time.perf_counter() - t1
     info["result"] = score_detections(test_set, detections, "voc07")
+    info["localisation"] = localisation(test_set, detections)
     (run_dir / "metrics.json").write_text(json.dumps(info["result"], indent=2) + "\n")
     return info
 
@@ -478,13 +502,14 @@ def _duration(s: float) -> str:
 
 
 def results_table(runs: list[dict], classes: list[str], libs: list[str]) -> str:
-    head = ["library", "seed", "mAP (VOC07)", *(f"AP {c}" for c in classes), "s/iter", "train time", "test s/img"]
+    head = ["library", "seed", "mAP (VOC07)", "AP75", "AP .50:.95", *(f"AP {c}" for c in classes), "s/iter",
+            "train time", "test s/img"]
     lines = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
     for r in runs:
         if "error" in r:
             lines.append(f"| {r['lib']} | {r['seed']} | failed: {r['error']} |" + " |" * (len(head) - 3))
             continue
-        lines.append(f"| {r['lib']} | {r['seed']} | {_f(r['map'])} | "
+        lines.append(f"| {r['lib']} | {r['seed']} | {_f(r['map'])} | {_f(r.get('ap75'))} | {_f(r.get('ap50_95'))} | "
                      + " | ".join(_f(r["per_class"][c]) for c in classes)
                      + f" | {r['s_per_iter']:.3f} | {_duration(r['train_s'])} | {r['test_s_per_img']:.3f} |")
     for lib in libs:
@@ -501,6 +526,7 @@ def results_table(runs: list[dict], classes: list[str], libs: list[str]) -> str:
 
         seeds = ",".join(str(r["seed"]) for r in ok)
         lines.append(f"| **{lib} mean** | {seeds} | **{stat([r['map'] for r in ok])}** | "
+                     + f"{stat([r.get('ap75') for r in ok])} | {stat([r.get('ap50_95') for r in ok])} | "
                      + " | ".join(stat([r["per_class"][c] for r in ok]) for c in classes)
                      + f" | {stat([r['s_per_iter'] for r in ok], 3)} | "
                      + f"{_duration(statistics.mean(r['train_s'] for r in ok))} | "
@@ -512,7 +538,7 @@ def write_results(out: Path, payload: dict, table: str, anchor_lines: list[str])
     info, s = payload["machine"], payload["settings"]
     done, planned = len(payload["runs"]), s["planned_runs"]
     md = [
-        "# Accuracy at the same budget: frcnn vs torchvision's FasterRCNN on BCCD",
+        f"# Accuracy at the same budget: frcnn vs torchvision's FasterRCNN on {Path(s['data']).name}",
         "",
         f"Command: `{payload['command']}`  ",
         "Script: `benchmarks/bench_accuracy.py` (its docstring lists how the torchvision model is assembled).",
@@ -534,7 +560,9 @@ def write_results(out: Path, payload: dict, table: str, anchor_lines: list[str])
         "",
         table,
         "",
-        "mAP and AP: frcnn's `score_detections` (what `frcnn eval` prints). s/iter: training loop wall time / "
+        "mAP and AP: frcnn's `score_detections` (what `frcnn eval` prints). AP75 and AP .50:.95: the mean over "
+        "classes of the all-point AP at IoU > 0.75 and its mean over IoU > 0.50, 0.55, .., 0.95 (`localisation`). "
+        "s/iter: training loop wall time / "
         "iterations; train time: the whole training call; test s/img: detection over the test split / images. "
         "Mean rows: mean ± sample standard deviation over the seeds.",
         "",
@@ -555,6 +583,60 @@ def write_results(out: Path, payload: dict, table: str, anchor_lines: list[str])
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
 
 
+# ----------------------------------------------------------------------------------------------- rescore
+
+def redetect(lib: str, cfg: Config, run_dir: Path, test_set) -> list[Detections]:
+    """Detections over ``test_set`` by the model a run saved in ``run_dir`` (frcnn: its checkpoint folder, as
+    ``frcnn eval``; torchvision: ``model.pt``, rebuilt by :func:`build_torchvision`)."""
+    if lib == "frcnn":
+        from frcnn.engine.evaluate import collect_detections
+        from frcnn.engine.inference import Predictor
+
+        return collect_detections(Predictor.from_checkpoint(run_dir, resolve_device(cfg), fast=True), test_set,
+                                  progress=False)
+    weights = run_dir / "model.pt"
+    if not weights.is_file():
+        raise FrcnnError(f"{weights} not found (the run folder was not kept: give --work)")
+    model = build_torchvision(cfg, len(test_set.classes)).to(resolve_device(cfg))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return detect_torchvision(model, cfg, test_set)
+
+
+def rescore(out: Path) -> int:
+    """``--rescore``: detect again with every finished run's model, check VOC07 mAP against the record (to 1e-4:
+    another thread count may round differently), add AP75 and AP .50:.95, rewrite ``out`` and its JSON."""
+    from frcnn.config import config_from_dict
+    from frcnn.data import open_repaired
+    from frcnn.engine.evaluate import score_detections
+
+    json_path = out.with_suffix(".json")
+    if not json_path.is_file():
+        raise FrcnnError(f"{json_path} not found (--rescore reads the results an earlier run wrote with --out)")
+    payload = json.loads(json_path.read_text())
+    s = payload["settings"]
+    base = config_from_dict(payload["config"])
+    test_set = open_repaired(Path(s["data"]), TEST_SPLIT, classes=s["classes"], drop_other_classes=False)
+    for row in payload["runs"]:
+        if "error" in row:
+            continue
+        if not row.get("run_dir"):
+            raise FrcnnError(f"{row['lib']} seed {row['seed']}: no run folder recorded (the benchmark ran without "
+                             "--work)")
+        cfg = merge(base, parse_override(f"RNG_SEED={row['seed']}"))
+        detections = redetect(row["lib"], cfg, Path(row["run_dir"]), test_set)
+        got = score_detections(test_set, detections, "voc07")["map"]
+        if abs(got - row["map"]) > 1e-4:
+            raise FrcnnError(f"{row['lib']} seed {row['seed']}: VOC07 mAP {got:.4f} now, {row['map']:.4f} recorded "
+                             f"(is {row['run_dir']} still that run's?)")
+        row.update(localisation(test_set, detections))
+        print(f"{row['lib']} seed {row['seed']}: mAP {got:.4f} (recorded {row['map']:.4f}), AP75 {row['ap75']:.4f}, "
+              f"AP .50:.95 {row['ap50_95']:.4f}", flush=True)
+    table = results_table(payload["runs"], s["classes"], s["libs"])
+    write_results(out, payload, table, format_anchor_shapes(base, payload["anchors"]))
+    print(f"\n{table}\n\nwrote {out} and {json_path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -569,6 +651,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BCCD VOC root")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown results (JSON next to it)")
     p.add_argument("--work", type=Path, default=None, help="run folders (default: a temporary folder, removed)")
+    p.add_argument("--rescore", action="store_true",
+                   help="detect again with the runs recorded in --out's JSON and add what they lack (AP75, AP .50:.95)")
     a = p.parse_args(argv)
     try:
         a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -584,13 +668,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    splits = args.data / "ImageSets" / "Main"
-    if not all((splits / f"{s}.txt").is_file() for s in (TRAIN_SPLIT, TEST_SPLIT)):
-        print(f"BCCD not found: {args.data} has no ImageSets/Main/{TRAIN_SPLIT}.txt and {TEST_SPLIT}.txt "
-              "(give the VOC root with --data)", file=sys.stderr)
-        return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.rescore:
+        try:
+            return rescore(args.out)
+        except FrcnnError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    splits = args.data / "ImageSets" / "Main"
+    if not all((splits / f"{s}.txt").is_file() for s in (TRAIN_SPLIT, TEST_SPLIT)):
+        print(f"data not found: {args.data} has no ImageSets/Main/{TRAIN_SPLIT}.txt and {TEST_SPLIT}.txt "
+              "(give the VOC root with --data)", file=sys.stderr)
+        return 2
     try:
         return _main(args, argv)
     except FrcnnError as e:
@@ -664,8 +754,9 @@ def _main(args: argparse.Namespace, argv) -> int:
                     row.update(map=res["map"], per_class=res["per_class"], metrics=res["metrics"],
                                s_per_iter=got["loop_s"] / t.MAX_ITERS, loop_s=got["loop_s"], train_s=got["train_s"],
                                test_s=got["test_s"], test_s_per_img=got["test_s"] / len(test_set),
-                               final_losses=got["final_losses"])
-                    print(f"{lib} {tag}: mAP {res['map']:.4f} ("
+                               final_losses=got["final_losses"], **got["localisation"])
+                    print(f"{lib} {tag}: mAP {res['map']:.4f}, AP75 {row['ap75']:.4f}, AP .50:.95 "
+                          f"{row['ap50_95']:.4f} ("
                           + ", ".join(f"{c} {_f(res['per_class'][c])}" for c in classes)
                           + f"), {row['s_per_iter']:.3f} s/iter, train {_duration(row['train_s'])}, "
                           f"test {row['test_s_per_img']:.3f} s/img", flush=True)

@@ -2,6 +2,7 @@
 initial weights, feature map), the box conversion between the two conventions, and its config handling."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,76 @@ def test_config_handling():
         bench.resolve_config("demo-cpu", ["TEST.AMP=bf16"], None)
     assert bench.resolve_config("demo-cpu", ["TRAIN.AMP=bf16"], None).TRAIN.AMP == "bf16"  # both sides follow it
     assert any("RoIAlign" in n for n in bench.config_notes(load_config("demo-cpu", ["POOLING_MODE=crop"])))
+
+
+class _Truth:
+    """One image, one class, one ground-truth box (0, 0, 9, 9): 10 x 10 px, inclusive."""
+    classes = ("cell",)
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        from frcnn.data.sample import Sample
+
+        return Sample(image_id="x", path=Path("x.jpg"), width=40, height=40, boxes=torch.tensor([[0.0, 0, 9, 9]]),
+                      labels=torch.tensor([1]), difficult=torch.tensor([False]))
+
+
+def _one(box):
+    from frcnn.model.detector import Detections
+
+    return [Detections(torch.tensor([box]), torch.tensor([0.9]), torch.tensor([1]))]
+
+
+def test_localisation_known_answers():
+    # (0, 0, 8, 9): 9 x 10 = 90 px inside the 100 px truth, IoU 0.9: a hit at IoU > 0.50 .. 0.85 (8 thresholds),
+    # a miss at > 0.90 and > 0.95 (strict), so AP75 1 and AP .50:.95 8 / 10
+    assert bench.localisation(_Truth(), _one([0.0, 0, 8, 9])) == pytest.approx({"ap75": 1.0, "ap50_95": 0.8})
+    # (0, 0, 6, 9): IoU 0.7, a hit at > 0.50, 0.55, 0.60, 0.65 only
+    assert bench.localisation(_Truth(), _one([0.0, 0, 6, 9])) == pytest.approx({"ap75": 0.0, "ap50_95": 0.4})
+
+
+def test_rescore_adds_localisation_and_checks_the_record(tmp_path, capsys):
+    from PIL import Image
+
+    from frcnn.config import config_to_dict
+    from frcnn.data.voc import write_voc_xml
+    from frcnn.engine.evaluate import score_detections
+
+    assert bench.main(["--rescore", "--out", str(tmp_path / "none.md")]) == 1
+    assert "none.json not found" in capsys.readouterr().err
+    data = tmp_path / "voc"
+    for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (data / sub).mkdir(parents=True)
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(data / "JPEGImages" / "t.png")
+    write_voc_xml(data / "Annotations" / "t.xml", "t.png", 96, 64, [("cell", (10, 10, 49, 39))])
+    (data / "ImageSets/Main/test.txt").write_text("t\n")
+    cfg = load_config("demo-cpu", ["DEVICE=cpu", "TEST.SCORE_THRESH=0.0"])
+    torch.manual_seed(0)
+    model = bench.build_torchvision(cfg, 1)
+    run_dir = tmp_path / "runs" / "torchvision" / "seed0"
+    run_dir.mkdir(parents=True)
+    torch.save(model.state_dict(), run_dir / "model.pt")
+    from frcnn.data import open_repaired
+
+    test_set = open_repaired(data, "test", classes=["cell"], drop_other_classes=False)
+    want_map = score_detections(test_set, bench.detect_torchvision(model, cfg, test_set), "voc07")["map"]
+    settings = {"data": str(data), "classes": ["cell"], "libs": ["torchvision"], "train_images": 1,
+                "test_images": 1, "use_flipped": True, "config": "demo-cpu", "sets": [], "max_iters": 1,
+                "ims_per_batch": 1, "lr": 0.01, "warmup": 0, "gamma": 0.1, "stepsize": [1], "seeds": [0],
+                "planned_runs": 1}
+    row = {"lib": "torchvision", "seed": 0, "run_dir": str(run_dir), "map": want_map, "per_class": {"cell": want_map},
+           "s_per_iter": 0.1, "train_s": 1.0, "test_s_per_img": 0.1}
+    payload = {"command": "x", "machine": bench.machine(), "settings": settings, "config": config_to_dict(cfg),
+               "anchors": bench.anchor_shapes(cfg), "config_notes": [], "runs": [row]}
+    out = tmp_path / "acc.md"
+    out.with_suffix(".json").write_text(json.dumps({**payload, "runs": [{**row, "map": want_map + 0.01}]}))
+    assert bench.main(["--rescore", "--out", str(out)]) == 1  # a record that is not this model's: refused
+    assert "recorded" in capsys.readouterr().err
+    out.with_suffix(".json").write_text(json.dumps(payload))
+    assert bench.main(["--rescore", "--out", str(out)]) == 0
+    got = json.loads(out.with_suffix(".json").read_text())["runs"][0]
+    want = bench.localisation(test_set, bench.detect_torchvision(model, cfg, test_set))
+    assert got["ap75"] == pytest.approx(want["ap75"]) and got["ap50_95"] == pytest.approx(want["ap50_95"])
+    assert "| AP75 | AP .50:.95 |" in out.read_text()
