@@ -416,5 +416,6 @@ def test_scratch_cpu_resolves_on_bccd_as_its_comment_says():
     cfg, lines, _ = resolve_run_config(load_config("scratch-cpu"), data)
     assert (cfg.TRAIN.MAX_ITERS, cfg.TRAIN.STEPSIZE) == (2482, (1898,))
     assert cfg.ANCHOR_SCALES == (2, 4, 8) and cfg.TRAIN.AMP == "auto" and cfg.TRAIN.LEARNING_RATE == 0.02
+    assert not any(line.startswith("warning") for line in lines)  # platelets ~27 px at 320: not under 2 strides
     assert any(line.startswith("schedule: 17 epochs of 584 images (292 + mirrored), 4 images an iteration")
                for line in lines)

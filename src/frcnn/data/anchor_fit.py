@@ -440,6 +440,32 @@ def _pct(n: int, total: int) -> str:
     return f"{n} ({100 * n / total:.1f}%)" if total else "0"
 
 
+SMALL_SHARE = 0.25  # small_boxes_hint speaks when at least this share of the boxes is under 2 strides
+
+
+def small_boxes_hint(fit: AnchorFit) -> str | None:
+    """A warning line when at least a quarter of the boxes are smaller than twice the (finest) stride at the
+    training scale, else ``None``. No anchor set helps such boxes much (anchors sit a stride apart: a same-sized
+    anchor is off a 16 px box by up to 4 px in x and y at stride 8, IoU 0.39), the input scale does: it names the
+    scale (a multiple of 32, the same for training and test) that brings the boxes' first quartile to two strides,
+    and its cost, about (new / old)^2 the time an iteration."""
+    if not fit.count:
+        return None
+    stride = min(fit.levels) if fit.levels else fit.stride
+    limit = 2 * stride
+    small = int((fit.sizes < limit).sum())
+    if small < SMALL_SHARE * fit.count:
+        return None
+    quartile = max(float(fit.sizes.quantile(SMALL_SHARE)), 1.0)
+    scale = math.ceil(fit.target_size * limit / quartile / 32) * 32
+    max_size = math.ceil(fit.max_size * scale / fit.target_size / 32) * 32
+    return (f"  warning: {_pct(small, fit.count)} of the boxes are under {limit} px (2 x the stride {stride}) at "
+            f"scale {fit.target_size}: few anchors on a {stride}-px grid reach IoU {fit.positive:g} with them; a "
+            f"larger input brings 3 in 4 boxes to {limit} px or more, at about {(scale / fit.target_size) ** 2:.1f}x "
+            f"the time an iteration: --set TRAIN.SCALES=[{scale}] --set TRAIN.MAX_SIZE={max_size} "
+            f"--set TEST.SCALES=[{scale}] --set TEST.MAX_SIZE={max_size}")
+
+
 def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str], auto: bool = False,
                criterion: Callable[[AnchorFit], tuple] | None = None) -> list[str]:
     """Lines for the terminal: the config's anchors (overall and per class), what ``ANCHOR_SCALES=auto`` chooses
@@ -476,6 +502,8 @@ def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str]
         lines.append(f"  warning: {len(untrained)} of the {shapes_total} anchor shapes "
                      f"({shapes} px) lie inside no training image at this scale: the RPN never learns them, yet they "
                      f"propose at test time")
+    if hint := small_boxes_hint(current):
+        lines.append(hint)
     if not fits:
         lines.append("  no ANCHOR_SCALES suggestion: auto and the suggestion choose C4 anchors (NECK=none), "
                      "not the pyramid's")

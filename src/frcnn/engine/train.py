@@ -250,11 +250,13 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
             lines.append(f"anchors: ANCHOR_SCALES=auto -> [{', '.join(f'{s:g}' for s in scales)}], the run's "
                          "(chosen when it started)")
         else:
-            from frcnn.data.anchor_fit import auto_anchor_fit, describe_auto
+            from frcnn.data.anchor_fit import auto_anchor_fit, describe_auto, small_boxes_hint
 
             fit = auto_anchor_fit([dataset[i] for i in range(len(dataset))], cfg)
             scales = fit.scales
             lines.append(f"anchors: {describe_auto(fit)}")
+            if hint := small_boxes_hint(fit):  # no anchor set helps boxes this small; a larger input does
+                lines.append(hint.strip())
         resolved["ANCHOR_SCALES"] = AUTO
     elif saved is not None and before.get("ANCHOR_SCALES") == AUTO and tuple(scales) == tuple(saved.ANCHOR_SCALES):
         resolved["ANCHOR_SCALES"] = AUTO  # the run's config.yaml holds the list auto chose: still auto's
