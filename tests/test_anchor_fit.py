@@ -18,6 +18,7 @@ from frcnn.data.anchor_fit import (
     best_anchor_iou,
     format_fit,
     resized_groups,
+    small_boxes,
     small_boxes_hint,
     suggest_scales,
     write_histograms,
@@ -116,6 +117,8 @@ def test_boxes_under_two_strides_get_a_larger_input_suggested():
                 "about 2.9x the time an iteration: --set TRAIN.SCALES=[544] --set TRAIN.MAX_SIZE=896 "
                 "--set TEST.SCALES=[544] --set TEST.MAX_SIZE=896")
     assert small_boxes_hint(fit) == expected
+    assert small_boxes(fit) == {"under_px": 16, "stride": 8, "boxes": 100, "share": 1.0, "scale": 544,
+                                "max_size": 896, "cost": 2.89}  # what check-data --json says
     assert expected in format_fit(suggest_scales(tiny_objects(30), cfg), fit, ["dot"])
     # what it promises: at the suggested input the boxes are 16 px or more, and more of them get an anchor
     larger = merge(merge(cfg, parse_override("TRAIN.SCALES=[544]")), parse_override("TRAIN.MAX_SIZE=896"))

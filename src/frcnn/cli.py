@@ -316,7 +316,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from frcnn.config import AUTO, load_config
     from frcnn.data import parse_classes
-    from frcnn.data.anchor_fit import anchor_fit, format_fit, suggest_scales, write_histograms
+    from frcnn.data.anchor_fit import anchor_fit, format_fit, small_boxes, suggest_scales, write_histograms
     from frcnn.data.check import check_data, fit_samples, format_counts, format_problems
 
     cfg = load_config(args.config, args.overrides)
@@ -333,7 +333,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**report.to_json(), "anchor_fit": current.to_json(report.classes),
                           "suggested_anchor_scales": list(fits[0].scales) if fits else None,
-                          "suggested_fit": fits[0].to_json(report.classes) if fits else None}))
+                          "suggested_fit": fits[0].to_json(report.classes) if fits else None,
+                          "small_boxes": small_boxes(current)}))
     else:
         print("\n".join(format_counts(report) + format_problems(report)
                         + format_fit(fits, current, report.classes, auto=auto)))

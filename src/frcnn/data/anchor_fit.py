@@ -440,15 +440,15 @@ def _pct(n: int, total: int) -> str:
     return f"{n} ({100 * n / total:.1f}%)" if total else "0"
 
 
-SMALL_SHARE = 0.25  # small_boxes_hint speaks when at least this share of the boxes is under 2 strides
+SMALL_SHARE = 0.25  # small_boxes (and its warning) speak when at least this share of the boxes is under 2 strides
 
 
-def small_boxes_hint(fit: AnchorFit) -> str | None:
-    """A warning line when at least a quarter of the boxes are smaller than twice the (finest) stride at the
-    training scale, else ``None``. No anchor set helps such boxes much (anchors sit a stride apart: a same-sized
-    anchor is off a 16 px box by up to 4 px in x and y at stride 8, IoU 0.39), the input scale does: it names the
-    scale (a multiple of 32, the same for training and test) that brings the boxes' first quartile to two strides,
-    and its cost, about (new / old)^2 the time an iteration."""
+def small_boxes(fit: AnchorFit) -> dict | None:
+    """When at least a quarter of the boxes are smaller than twice the (finest) stride at the training scale: how
+    many, and the input that brings the boxes' first quartile to two strides (``scale``, a multiple of 32, the same
+    for training and test, with ``max_size`` grown alike) and its cost, about ``(scale / old) ** 2`` the time an
+    iteration; else ``None``. No anchor set helps such boxes much (anchors sit a stride apart: a same-sized anchor
+    is off a 16 px box by up to 4 px in x and y at stride 8, IoU 0.39); the input scale does."""
     if not fit.count:
         return None
     stride = min(fit.levels) if fit.levels else fit.stride
@@ -458,10 +458,19 @@ def small_boxes_hint(fit: AnchorFit) -> str | None:
         return None
     quartile = max(float(fit.sizes.quantile(SMALL_SHARE)), 1.0)
     scale = math.ceil(fit.target_size * limit / quartile / 32) * 32
-    max_size = math.ceil(fit.max_size * scale / fit.target_size / 32) * 32
-    return (f"  warning: {_pct(small, fit.count)} of the boxes are under {limit} px (2 x the stride {stride}) at "
-            f"scale {fit.target_size}: few anchors on a {stride}-px grid reach IoU {fit.positive:g} with them; a "
-            f"larger input brings 3 in 4 boxes to {limit} px or more, at about {(scale / fit.target_size) ** 2:.1f}x "
+    return {"under_px": limit, "stride": stride, "boxes": small, "share": round(small / fit.count, 4),
+            "scale": scale, "max_size": math.ceil(fit.max_size * scale / fit.target_size / 32) * 32,
+            "cost": round((scale / fit.target_size) ** 2, 2)}
+
+
+def small_boxes_hint(fit: AnchorFit) -> str | None:
+    """:func:`small_boxes` as a warning line for the terminal, else ``None``."""
+    if (small := small_boxes(fit)) is None:
+        return None
+    limit, stride, scale, max_size = small["under_px"], small["stride"], small["scale"], small["max_size"]
+    return (f"  warning: {_pct(small['boxes'], fit.count)} of the boxes are under {limit} px (2 x the stride {stride}) "
+            f"at scale {fit.target_size}: few anchors on a {stride}-px grid reach IoU {fit.positive:g} with them; a "
+            f"larger input brings 3 in 4 boxes to {limit} px or more, at about {small['cost']:.1f}x "
             f"the time an iteration: --set TRAIN.SCALES=[{scale}] --set TRAIN.MAX_SIZE={max_size} "
             f"--set TEST.SCALES=[{scale}] --set TEST.MAX_SIZE={max_size}")
 
