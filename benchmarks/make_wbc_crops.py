@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -108,13 +109,25 @@ def make_wbc_crops(bccd: Path, out: Path, seed: int = 0) -> dict[str, tuple[int,
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FrcnnError(f"{out} exists and is not an empty folder; give a new --out")
+    splits = {split: VOCDataset(bccd, split) for split in SPLITS}  # a bad --bccd stops before out is touched
+    for split, data in splits.items():
+        if CLASS not in data.classes:
+            raise FrcnnError(f"{bccd} {split}: no {CLASS} boxes (is this BCCD?)")
+    existed = out.exists()
+    try:
+        return _write(splits, bccd, out, seed)
+    except BaseException:  # out was new or empty: remove what this run wrote, so the same --out works again
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:
+            out.mkdir()
+        raise
+
+
+def _write(splits: dict[str, VOCDataset], bccd: Path, out: Path, seed: int) -> dict[str, tuple[int, int]]:
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     counts = {}
-    for split in SPLITS:
-        data = VOCDataset(bccd, split)
-        if CLASS not in data.classes:
-            raise FrcnnError(f"{bccd} {split}: no {CLASS} boxes (is this BCCD?)")
+    for split, data in splits.items():
         label = data.classes.index(CLASS) + 1
         ids, cells = [], 0
         for i in range(len(data)):
@@ -149,7 +162,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         counts = make_wbc_crops(args.bccd, args.out, args.seed)
-    except FrcnnError as e:
+    except (FrcnnError, OSError) as e:  # OSError: an unreadable image, a full disk (nothing half-written is left)
         print(f"error: {e}", file=sys.stderr)
         return 1
     for split, (images, cells) in counts.items():

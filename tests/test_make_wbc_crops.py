@@ -112,6 +112,29 @@ def test_refuses_a_folder_with_files(tmp_path):
     assert not (tmp_path / "wbc" / "Annotations").exists()
 
 
+def test_a_bad_source_leaves_no_output_behind(tmp_path, capsys):
+    (tmp_path / "notvoc" / "Annotations").mkdir(parents=True)
+    assert wbc.main(["--bccd", str(tmp_path / "notvoc"), "--out", str(tmp_path / "wbc")]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'notvoc' / 'JPEGImages'}: missing folder (a VOC "
+                                               "root holds Annotations/, JPEGImages/, ImageSets/Main/)")
+    assert not (tmp_path / "wbc").exists()  # so the same --out works once --bccd is right
+    _fake_bccd(tmp_path / "bccd")
+    assert wbc.main(["--bccd", str(tmp_path / "bccd"), "--out", str(tmp_path / "wbc")]) == 0
+
+
+def test_a_failure_while_writing_removes_what_was_written(tmp_path, monkeypatch):
+    _fake_bccd(tmp_path / "bccd")
+    (tmp_path / "wbc").mkdir()  # the user's empty folder stays, empty
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(wbc, "write_voc_xml", broken)
+    with pytest.raises(OSError):
+        wbc.make_wbc_crops(tmp_path / "bccd", tmp_path / "wbc")
+    assert (tmp_path / "wbc").is_dir() and not any((tmp_path / "wbc").iterdir())
+
+
 @pytest.mark.skipif(not BCCD.is_dir(), reason=f"BCCD not found at {BCCD}")
 def test_bccd_crops_hold_whole_white_cells(tmp_path):
     out = tmp_path / "wbc"
