@@ -612,11 +612,15 @@ def rescore(out: Path) -> int:
     json_path = out.with_suffix(".json")
     if not json_path.is_file():
         raise FrcnnError(f"{json_path} not found (--rescore reads the results an earlier run wrote with --out)")
-    payload = json.loads(json_path.read_text())
-    s = payload["settings"]
-    base = config_from_dict(payload["config"])
-    test_set = open_repaired(Path(s["data"]), TEST_SPLIT, classes=s["classes"], drop_other_classes=False)
-    for row in payload["runs"]:
+    try:
+        payload = json.loads(json_path.read_text())
+        s, base, runs = payload["settings"], config_from_dict(payload["config"]), payload["runs"]
+        data, classes, libs = Path(s["data"]), s["classes"], s["libs"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise FrcnnError(f"{json_path}: not the JSON this benchmark writes with --out ({type(e).__name__}: {e})") \
+            from None
+    test_set = open_repaired(data, TEST_SPLIT, classes=classes, drop_other_classes=False)
+    for row in runs:
         if "error" in row:
             continue
         if not row.get("run_dir"):
@@ -631,7 +635,7 @@ def rescore(out: Path) -> int:
         row.update(localisation(test_set, detections))
         print(f"{row['lib']} seed {row['seed']}: mAP {got:.4f} (recorded {row['map']:.4f}), AP75 {row['ap75']:.4f}, "
               f"AP .50:.95 {row['ap50_95']:.4f}", flush=True)
-    table = results_table(payload["runs"], s["classes"], s["libs"])
+    table = results_table(runs, classes, libs)
     write_results(out, payload, table, format_anchor_shapes(base, payload["anchors"]))
     print(f"\n{table}\n\nwrote {out} and {json_path}")
     return 0

@@ -169,6 +169,12 @@ def test_rescore_adds_localisation_and_checks_the_record(tmp_path, capsys):
 
     assert bench.main(["--rescore", "--out", str(tmp_path / "none.md")]) == 1
     assert "none.json not found" in capsys.readouterr().err
+    for name, text in (("garbled", "not json"), ("other", '{"a": 1}')):  # one line naming the file, no traceback
+        (tmp_path / f"{name}.json").write_text(text)
+        assert bench.main(["--rescore", "--out", str(tmp_path / f"{name}.md")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / name}.json: not the JSON this benchmark writes with --out (")
+        assert err.count("\n") == 1 and (tmp_path / f"{name}.json").read_text() == text
     data = tmp_path / "voc"
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (data / sub).mkdir(parents=True)
