@@ -154,6 +154,20 @@ def test_with_every_anchor_taking_part_the_counts_and_the_page_say_so():
     assert "labels every anchor (TRAIN.RPN_ALLOWED_BORDER < 0: those crossing the image border too):" in stage.text
 
 
+def test_with_soft_nms_the_class_nms_stage_says_so_and_shows_sigma():
+    from dataclasses import replace
+
+    cfg = config()
+    cfg = replace(cfg, TEST=replace(cfg.TEST, NMS_METHOD="soft", SOFT_NMS_SIGMA=0.3))
+    torch.manual_seed(0)
+    net = FasterRCNN(cfg, num_classes=len(CLASSES), load_pretrained=False).eval()
+    run = run_traced(net, cfg, CLASSES, picture(), GroundTruth(BOXES.clone(), LABELS.clone()), warmup=False)
+    stage = {s.key: s for s in build_stages(run, threshold=0.2)}["08_class_nms"]
+    assert stage.numbers["TEST.NMS_METHOD"] == "soft" and stage.numbers["TEST.SOFT_NMS_SIGMA"] == 0.3
+    assert "TEST.NMS" not in stage.numbers  # unused by soft-NMS
+    assert "Gaussian soft-NMS (TEST.NMS_METHOD soft)" in stage.text and "exp(-IoU^2 / 0.3)" in stage.text
+
+
 def test_proposal_target_counts_equal_the_layers(net, traced, stages):
     ref = _reference_trace(net)["proposal_target"]
     cfg = config()
@@ -170,7 +184,8 @@ def test_detection_and_pooling_numbers_equal_the_layers(net, traced, stages):
     nms = stages["08_class_nms"].numbers
     assert nms["detections_after_nms"] == len(ref["detections"]["final"][0]["scores"]) <= cfg.TEST.MAX_PER_IMAGE
     assert nms["boxes_before_nms"] == len(ref["detections"]["pre_nms"][0]["scores"])
-    assert nms["TEST.NMS"] == cfg.TEST.NMS
+    assert nms["TEST.NMS"] == cfg.TEST.NMS and nms["TEST.NMS_METHOD"] == "hard"
+    assert "non-maximum suppression at IoU 0.3 (TEST.NMS)" in stages["08_class_nms"].text
     pool = stages["06_roi_pooling"].numbers
     assert pool["POOLING_MODE"] == cfg.POOLING_MODE and pool["POOLING_SIZE"] == cfg.POOLING_SIZE
     assert pool["pooled_shape"] == list(ref["roi_pooling"]["crops"].shape)

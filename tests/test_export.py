@@ -216,6 +216,21 @@ def test_no_detection_above_the_threshold_is_an_empty_result(tmp_path):
         assert len(a.scores) == len(b.scores) == 0 and b.boxes.shape == (0, 4) and b.labels.shape == (0,)
 
 
+def test_a_soft_nms_checkpoint_exports_greedy_nms_and_says_so(tmp_path, capsys):
+    """ONNX has no soft-NMS: the graph keeps greedy NMS at TEST.NMS, the file's config says hard, and the
+    detections are those of the PyTorch model with TEST.NMS_METHOD=hard."""
+    model, cfg = _demo_model()
+    soft = merge(cfg, {"TEST": {"NMS_METHOD": "soft"}})
+    model.cfg = soft
+    path = export_model(model, soft, CLASSES, tmp_path / "m.onnx")
+    assert "ONNX has no soft-NMS: the graph suppresses greedily at TEST.NMS=0.3" in capsys.readouterr().out
+    assert model.cfg is soft  # the caller's model is not changed
+    onnx_predictor = OnnxPredictor(path)
+    assert onnx_predictor.cfg.TEST.NMS_METHOD == "hard"
+    model.cfg = merge(cfg, {"TEST": {"NMS_METHOD": "hard"}})
+    assert _parity(Predictor(model, model.cfg, CLASSES), onnx_predictor)
+
+
 @pytest.mark.slow
 def test_r50_c4_small_input_parity(tmp_path):
     """Crop pooling (the preset's), 80 RoIs of 1024 channels: the PyTorch path pools by frcnn.model.roi_ops'

@@ -108,6 +108,10 @@ class TestConfig:
     SCALES: tuple[int, ...] = (600,)
     MAX_SIZE: int = 1000
     NMS: float = 0.3
+    # hard: greedy per-class NMS at NMS (the reference's); soft: Gaussian soft-NMS (frcnn.model.soft_nms), a box
+    # overlapping a better one of its class keeps its score times exp(-IoU^2 / SOFT_NMS_SIGMA) instead of going
+    NMS_METHOD: str = "hard"
+    SOFT_NMS_SIGMA: float = 0.5
     RPN_NMS_THRESH: float = 0.7
     RPN_PRE_NMS_TOP_N: int = 6000
     RPN_POST_NMS_TOP_N: int = 300
@@ -191,6 +195,9 @@ class Config:
             if getattr(self.TRAIN, key) < 1:
                 raise ConfigError(f"TRAIN.{key}={getattr(self.TRAIN, key)} must be at least 1")
         _check_choice("TEST.AMP", self.TEST.AMP, AMP_MODES)
+        _check_choice("TEST.NMS_METHOD", self.TEST.NMS_METHOD, ("hard", "soft"))
+        if not self.TEST.SOFT_NMS_SIGMA > 0:
+            raise ConfigError(f"TEST.SOFT_NMS_SIGMA={self.TEST.SOFT_NMS_SIGMA} must be positive")
         for key, value in (("TRAIN.RPN_NMS_THRESH", self.TRAIN.RPN_NMS_THRESH), ("TEST.NMS", self.TEST.NMS),
                            ("TEST.RPN_NMS_THRESH", self.TEST.RPN_NMS_THRESH)):
             if not 0 <= value <= 1:

@@ -75,7 +75,7 @@ from torchvision.ops import nms, roi_align, roi_pool
 
 from frcnn import __version__
 from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive
-from frcnn.config import Config, dump_yaml
+from frcnn.config import Config, dump_yaml, merge
 from frcnn.errors import CheckpointError, ConfigError
 from frcnn.model.anchors import shift_anchors
 from frcnn.model.detector import FasterRCNN
@@ -298,7 +298,12 @@ def export_model(model: FasterRCNN, cfg: Config, class_names: Sequence[str], out
         raise ConfigError(f"{out} exists; export never overwrites: choose another --out")
     onnx = require("onnx", "frcnn export")
     require("onnxscript", "frcnn export")
+    if cfg.TEST.NMS_METHOD == "soft":  # the graph's class NMS is ONNX's NonMaxSuppression: greedy
+        print(f"export: ONNX has no soft-NMS: the graph suppresses greedily at TEST.NMS={cfg.TEST.NMS:g} (its config "
+              f"says TEST.NMS_METHOD=hard); the checkpoint's own path keeps soft-NMS")
+        cfg = merge(cfg, {"TEST": {"NMS_METHOD": "hard"}})
     model = copy.deepcopy(model).float().cpu().eval()
+    model.cfg = cfg
     graph = (PyramidGraph if model.pyramid else DetectorGraph)(model).eval()
     if example_size is None:
         example_size = (cfg.TEST.SCALES[0], max(cfg.TEST.SCALES[0], min(cfg.TEST.MAX_SIZE,

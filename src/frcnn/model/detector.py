@@ -30,7 +30,8 @@ same losses): only the backward pass differs. The RPN's own losses train it the 
 inference (and in eval mode) the proposals are constants in both modes.
 
 Inference: class-specific boxes are decoded, clipped, filtered by ``TEST.SCORE_THRESH``, reduced by
-per-class NMS at ``TEST.NMS`` and capped at ``TEST.MAX_PER_IMAGE`` per image.
+per-class NMS (``TEST.NMS_METHOD``: greedy at ``TEST.NMS``, or Gaussian soft-NMS, :mod:`frcnn.model.soft_nms`) and
+capped at ``TEST.MAX_PER_IMAGE`` per image.
 Every box here is in network-input pixels; :mod:`frcnn.engine.inference` maps them back to the image.
 """
 
@@ -55,6 +56,7 @@ from frcnn.model.pretrained import load_detector_heads
 from frcnn.model.proposal_target import proposal_target_layer
 from frcnn.model.roi_heads import ClassificationNetwork
 from frcnn.model.rpn import RPN, proposal_layer
+from frcnn.model.soft_nms import soft_nms
 from frcnn.model.trace import Trace, maybe_timed
 
 
@@ -169,7 +171,8 @@ class FasterRCNN(nn.Module):
     def detect(
         self, rois: Tensor, cls_logits: Tensor, bbox_pred: Tensor, image_sizes: Tensor, trace: Trace | None = None
     ) -> list[Detections]:
-        """Class-specific decoding, clipping, score threshold, per-class NMS, at most MAX_PER_IMAGE.
+        """Class-specific decoding, clipping, score threshold, per-class NMS (TEST.NMS_METHOD: greedy at TEST.NMS
+        or Gaussian soft-NMS), at most MAX_PER_IMAGE.
 
         A float32 layer: half-precision logits and deltas (autocast) are upcast first, so the detections
         (boxes and scores) are float32."""
@@ -190,13 +193,18 @@ class FasterRCNN(nn.Module):
             s = probs[sel][:, 1:]
             labels = torch.arange(1, k1, device=s.device).expand_as(s)
             keep = s > test.SCORE_THRESH
-            b, s, labels = b[keep], s[keep], labels[keep]
             if rec:
-                pre_nms.append({"boxes": b, "scores": s, "labels": labels})
+                pre_nms.append({"boxes": b[keep], "scores": s[keep], "labels": labels[keep]})
+            if test.NMS_METHOD == "soft":
+                rows, cls, scores = soft_nms(b, s, test.SOFT_NMS_SIGMA, test.SCORE_THRESH, test.MAX_PER_IMAGE)
+                results.append(Detections(b[rows, cls], scores, cls + 1))
+                continue
+            b, s, labels = b[keep], s[keep], labels[keep]
             kept = batched_nms(to_exclusive(b), s, labels, nms_threshold(test.NMS, b.dtype))[: test.MAX_PER_IMAGE]
             results.append(Detections(b[kept], s[kept], labels[kept]))
         if trace is not None:
             trace.put("detections", pre_nms=pre_nms,
                       final=[{"boxes": d.boxes, "scores": d.scores, "labels": d.labels} for d in results],
-                      nms_thresh=test.NMS, score_thresh=test.SCORE_THRESH, max_per_image=test.MAX_PER_IMAGE)
+                      nms_thresh=test.NMS, score_thresh=test.SCORE_THRESH, max_per_image=test.MAX_PER_IMAGE,
+                      nms_method=test.NMS_METHOD, soft_nms_sigma=test.SOFT_NMS_SIGMA)
         return results

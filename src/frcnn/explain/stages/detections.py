@@ -1,5 +1,5 @@
-"""Stages 8 and 9: per-class NMS and the final detections (the inference end of
-:mod:`frcnn.model.detector`, NMS from :mod:`frcnn.model.nms`), matched against the ground truth as VOC does."""
+"""Stages 8 and 9: per-class NMS and the final detections (the inference end of :mod:`frcnn.model.detector`,
+NMS from :mod:`frcnn.model.nms` or :mod:`frcnn.model.soft_nms`), matched against the ground truth as VOC does."""
 
 from __future__ import annotations
 
@@ -57,8 +57,10 @@ def class_nms_stage(run: ExplainRun, threshold: float) -> Stage:
             "after_nms_above_threshold": int(((final["labels"] == k) & (final["scores"] >= threshold)).sum()),
         }
     picture = charts.vstack(rows, gap=10) if rows else charts.label_above(canvas.image, "no detections")
+    soft = rec.get("nms_method") == "soft"
     numbers = {
-        "TEST.NMS": rec["nms_thresh"],
+        "TEST.NMS_METHOD": rec.get("nms_method", "hard"),
+        **({"TEST.SOFT_NMS_SIGMA": rec["soft_nms_sigma"]} if soft else {"TEST.NMS": rec["nms_thresh"]}),
         "TEST.SCORE_THRESH": rec["score_thresh"],
         "TEST.MAX_PER_IMAGE": rec["max_per_image"],
         "boxes_before_nms": int(len(pre["scores"])),
@@ -67,10 +69,17 @@ def class_nms_stage(run: ExplainRun, threshold: float) -> Stage:
         "per_class": per_class,
         "time_ms": _ms(run, "detections"),
     }
+    if soft:
+        how = (f"go through Gaussian soft-NMS (TEST.NMS_METHOD soft): the best box is kept and every box of its class "
+               f"keeps its score times exp(-IoU^2 / {rec['soft_nms_sigma']:g}) (TEST.SOFT_NMS_SIGMA), IoU with the box "
+               f"kept, then the next best is kept, and so on, so a duplicate falls far down the ranking but an "
+               f"object overlapping another of its class stays with a lower score")
+    else:
+        how = (f"go through non-maximum suppression at IoU {rec['nms_thresh']:g} (TEST.NMS): a box overlapping a "
+               f"better one of the same class by more is dropped")
     text = (f"Every RoI now has a refined box and a probability for each class. Per class, boxes scoring above "
-            f"TEST.SCORE_THRESH ({rec['score_thresh']:g}) go through non-maximum suppression at IoU "
-            f"{rec['nms_thresh']:g} (TEST.NMS): a box overlapping a better one of the same class by more is "
-            f"dropped; at most TEST.MAX_PER_IMAGE ({rec['max_per_image']}) survive over all classes. Shown: the "
+            f"TEST.SCORE_THRESH ({rec['score_thresh']:g}) {how}; at most TEST.MAX_PER_IMAGE "
+            f"({rec['max_per_image']}) survive over all classes. Shown: the "
             f"classes detected with a score of at least {threshold:g}, boxes scoring at least that.")
     return Stage("08_class_nms", "8. Per-class non-maximum suppression", text, numbers, picture)
 
