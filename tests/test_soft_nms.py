@@ -12,6 +12,7 @@ from torchvision.ops import box_iou
 from frcnn.boxes import to_exclusive
 from frcnn.config import load_config
 from frcnn.errors import ConfigError
+from frcnn.model import soft_nms as soft_nms_module
 from frcnn.model.detector import FasterRCNN
 from frcnn.model.soft_nms import soft_nms
 from frcnn.model.trace import Trace
@@ -57,7 +58,10 @@ def test_hand_computed_scores_and_order():
     assert soft_nms(boxes, scores, 0.5, 0.5, 10)[0].tolist() == [0, 2, 0]
 
 
-def test_matches_the_papers_algorithm_on_random_boxes():
+@pytest.mark.parametrize("precompute", [True, False])
+def test_matches_the_papers_algorithm_on_random_boxes(precompute, monkeypatch):
+    if not precompute:  # the decay rows computed for each kept box instead of all at once
+        monkeypatch.setattr(soft_nms_module, "PRECOMPUTE_LIMIT", 0)
     g = torch.Generator().manual_seed(0)
     r, k = 40, 3
     xy = torch.rand(r, k, 2, generator=g) * 60
