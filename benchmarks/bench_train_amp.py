@@ -57,7 +57,8 @@ def run_once(args: argparse.Namespace, mode: str, out: Path, src: str | None = N
         env["PYTHONPATH"] = os.pathsep.join((str(Path(src).resolve()), env.get("PYTHONPATH", "")))
     done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)  # frcnn's own one-line errors reach stderr
     if done.returncode != 0:
-        raise SystemExit(f"bench_train_amp: frcnn train --config {args.config} --set TRAIN.AMP={mode} failed "
+        raise SystemExit(f"bench_train_amp: frcnn train --config {args.config} --set TRAIN.AMP={mode}"
+                         f"{'' if varied is None else ' --set ' + varied} failed "
                          f"(exit {done.returncode}; its message is above)")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     times = [r["time"] for r in records if "time" in r and r["iteration"] > args.skip]

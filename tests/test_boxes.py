@@ -73,6 +73,16 @@ def test_box_iou_known_answers():
     assert iou.shape == (2, 3)
 
 
+def test_box_iou_with_a_leading_dimension_is_one_matrix_per_slice():
+    # class 0: the known answers above; class 1: the same boxes moved by (3, 7), so the same IoUs
+    a = T([[[0.0, 0, 9, 9], [0.0, 0, 4, 9]], [[3.0, 7, 12, 16], [3.0, 7, 7, 16]]])
+    b = T([[[5.0, 0, 14, 9], [0.0, 0, 9, 9]], [[8.0, 7, 17, 16], [3.0, 7, 12, 16]]])
+    iou = box_iou(a, b)
+    assert iou.shape == (2, 2, 2)
+    torch.testing.assert_close(iou[0], T([[1 / 3, 1.0], [0.0, 0.5]]))
+    torch.testing.assert_close(iou[1], iou[0])
+
+
 def test_box_iou_touching_boxes_overlap_by_one_pixel_column():
     # under +1, [0,0,9,9] and [9,0,18,9] share the column x = 9: 10 pixels of 190
     torch.testing.assert_close(box_iou(T([[0.0, 0, 9, 9]]), T([[9.0, 0, 18, 9]])), T([[10 / 190]]))

@@ -39,7 +39,8 @@ def box_area(boxes: Tensor) -> Tensor:
 
 
 def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4): an (N, M) matrix.
+    """IoU of every box in ``a`` (..., N, 4) with every box in ``b`` (..., M, 4): an (..., N, M) matrix (leading
+    dimensions broadcast, e.g. one matrix per class).
 
     Under the +1 convention a box ``[0, 0, 9, 9]`` is 10x10 pixels, so
     ``box_iou([0,0,9,9], [5,0,14,9]) == 1/3``. This is the reference's ``bbox_overlaps``.
@@ -47,11 +48,11 @@ def box_iou(a: Tensor, b: Tensor) -> Tensor:
     a, b = upcast(a), upcast(b)
     area_a = box_area(a)
     area_b = box_area(b)
-    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
-    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
     wh = (rb - lt + 1).clamp(min=0)
     inter = wh[..., 0] * wh[..., 1]
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
+    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter)
 
 
 def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

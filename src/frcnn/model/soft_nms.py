@@ -17,27 +17,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from frcnn.boxes import box_iou
+
 __all__ = ["soft_nms"]
 
 
 #: up to this many (class, box, box) pairs the decay factors are computed once, in one go; above, one row at a time
 #: for the box just kept (at most MAX_PER_IMAGE rows). Each way is a dozen tensor ops: in one go on K x R x R
-#: elements, or per kept box on R. 100 RoIs x 4 classes, 100 kept, 1 thread: 2.4 ms in one go against 17.9 a row at
-#: a time; 300 RoIs x 20 classes: 72.5 ms against 18.8 (greedy NMS of the first: 0.5 ms).
+#: elements, or per kept box on R. 100 RoIs x 4 classes, 100 kept, 1 thread: 3.1 ms in one go against 15.0 a row at
+#: a time; 300 RoIs x 20 classes: 59.9 ms against 16.3 (benchmarks/bench_soft_nms.py, results/soft_nms.md).
 PRECOMPUTE_LIMIT = 1 << 17
 
 
-def _decay(corners: Tensor, others: Tensor, sigma: float) -> Tensor:
-    """``exp(-IoU^2 / sigma)`` of ``corners`` (..., 4) against ``others`` (..., M, 4) in the +1 convention:
-    ``corners[..., None, :]`` broadcast over M."""
-    a = corners.unsqueeze(-2)
-    iw = (torch.minimum(a[..., 2], others[..., 2]) - torch.maximum(a[..., 0], others[..., 0]) + 1).clamp(min=0)
-    ih = (torch.minimum(a[..., 3], others[..., 3]) - torch.maximum(a[..., 1], others[..., 1]) + 1).clamp(min=0)
-    inter = iw * ih
-    area = ((others[..., 2] - others[..., 0] + 1).clamp(min=0) * (others[..., 3] - others[..., 1] + 1).clamp(min=0))
-    own = ((a[..., 2] - a[..., 0] + 1).clamp(min=0) * (a[..., 3] - a[..., 1] + 1).clamp(min=0))
-    union = own + area - inter
-    iou = torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+def _decay(boxes: Tensor, others: Tensor, sigma: float) -> Tensor:
+    """``exp(-IoU^2 / sigma)`` of each of ``boxes`` (..., N, 4) against each of ``others`` (..., M, 4)."""
+    iou = box_iou(boxes, others)
     return torch.exp(iou * iou / -sigma)
 
 
@@ -52,7 +46,7 @@ def soft_nms(boxes: Tensor, scores: Tensor, sigma: float, score_thresh: float, m
     """
     r, k = scores.shape
     corners = boxes.transpose(0, 1).float()  # (K, R, 4)
-    table = _decay(corners, corners.unsqueeze(1), sigma) if k * r * r <= PRECOMPUTE_LIMIT else None  # (K, R, R)
+    table = _decay(corners, corners, sigma) if k * r * r <= PRECOMPUTE_LIMIT else None  # (K, R, R)
     gone = -1.0  # scores are probabilities: a kept box sits below every threshold (and stays there when decayed)
     live = scores.t().float().clone(memory_format=torch.contiguous_format)  # (K, R), a copy
     live[live <= score_thresh] = gone
@@ -68,7 +62,7 @@ def soft_nms(boxes: Tensor, scores: Tensor, sigma: float, score_thresh: float, m
         taken.append(i)
         kept_scores.append(best)
         row = live[c]
-        row.mul_(table[c, j] if table is not None else _decay(corners[c, j], corners[c], sigma))
+        row.mul_(table[c, j] if table is not None else _decay(corners[c, j:j + 1], corners[c], sigma)[0])
         row[j] = gone
     index = torch.tensor(taken, dtype=torch.long, device=scores.device)
     kept = torch.stack(kept_scores) if kept_scores else scores.new_zeros(0, dtype=torch.float32)

@@ -57,9 +57,9 @@ def class_nms_stage(run: ExplainRun, threshold: float) -> Stage:
             "after_nms_above_threshold": int(((final["labels"] == k) & (final["scores"] >= threshold)).sum()),
         }
     picture = charts.vstack(rows, gap=10) if rows else charts.label_above(canvas.image, "no detections")
-    soft = rec.get("nms_method") == "soft"
+    soft = rec["nms_method"] == "soft"
     numbers = {
-        "TEST.NMS_METHOD": rec.get("nms_method", "hard"),
+        "TEST.NMS_METHOD": rec["nms_method"],
         **({"TEST.SOFT_NMS_SIGMA": rec["soft_nms_sigma"]} if soft else {"TEST.NMS": rec["nms_thresh"]}),
         "TEST.SCORE_THRESH": rec["score_thresh"],
         "TEST.MAX_PER_IMAGE": rec["max_per_image"],
