@@ -13,10 +13,20 @@ import frcnn.engine.batches as batches_module
 from frcnn.boxes import flip_boxes, scale_boxes
 from frcnn.config import load_config
 from frcnn.data import open_dataset
-from frcnn.data.augment import adjust_colors, color_jitter, crop_boxes, jitter_params, random_crop, rotate90, turn_boxes
+from frcnn.data.augment import (
+    adjust_colors,
+    color_jitter,
+    crop_boxes,
+    jitter_params,
+    mosaic,
+    random_crop,
+    rotate90,
+    turn_boxes,
+)
 from frcnn.data.sample import Sample
 from frcnn.data.voc import write_voc_xml
 from frcnn.engine.batches import TrainBatches, image_seed, iteration_seed
+from frcnn.errors import ConfigError
 from frcnn.transforms import batch_images, image_to_tensor, prep_image
 
 BACKGROUND = (90, 90, 90)
@@ -411,3 +421,115 @@ def test_cropped_boxes_cover_their_objects_pixels(voc):
                 assert max(abs(a - b) for a, b in zip(found, box)) <= 1.0, (it, n, box, found)
                 checked += 1
     assert cropped >= 4 and flipped >= 4 and turned >= 4 and checked >= 40
+
+
+# --------------------------------------------------------------------------------------------- mosaic
+
+def _coded(h: int, w: int, k: int) -> torch.Tensor:
+    """An image whose pixel (x, y) holds (x, y, 100 + k): each output pixel says where it came from."""
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack((xs, ys, torch.full_like(xs, 100 + k))).float()
+
+
+def _coded_piece(k: int, g: torch.Generator, h: int = 60, w: int = 80):
+    x1 = torch.randint(0, w - 10, (6,), generator=g)
+    y1 = torch.randint(0, h - 10, (6,), generator=g)
+    x2 = (x1 + torch.randint(0, 30, (6,), generator=g)).clamp(max=w - 1)
+    y2 = (y1 + torch.randint(0, 30, (6,), generator=g)).clamp(max=h - 1)
+    boxes = torch.stack((x1, y1, x2, y2), 1).float()
+    return _coded(h, w, k), boxes, torch.arange(6) + 10 * k  # label: piece k, box j
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_mosaic_boxes_stay_on_their_pixels(seed):
+    """Four coded images (pixel = its own (x, y) and piece): every output box lies on its piece's pixels, each side
+    either the object's own side or cut where the piece's window ends; every box whose centre pixel made it into
+    the mosaic is there, the others are not."""
+    g = torch.Generator().manual_seed(seed)
+    pieces = [_coded_piece(k, g) for k in range(4)]
+    fill = (7.0, 7.0, 7.0)
+    image, boxes, labels = mosaic(pieces, fill, torch.Generator().manual_seed(seed))
+    assert image.shape == (3, 60, 80)
+    assert not (image == 7.0).all(0).any()  # pieces of the first's size fill their quarters
+    for box, label in zip(boxes.long().tolist(), labels.tolist()):
+        k, j = divmod(label, 10)
+        source = pieces[k][1][j].long().tolist()
+        x1, y1, x2, y2 = box
+        region = image[:, y1:y2 + 1, x1:x2 + 1]
+        assert (region[2] == 100 + k).all(), (seed, label)
+        sx1, sy1 = image[0, y1, x1].item(), image[1, y1, x1].item()
+        sx2, sy2 = image[0, y2, x2].item(), image[1, y2, x2].item()
+        assert source[0] <= sx1 <= sx2 <= source[2] and source[1] <= sy1 <= sy2 <= source[3]
+
+        def cut(y, x, k=k):  # the pixel beyond the box's side is off the canvas or another piece's
+            return not (0 <= y < 60 and 0 <= x < 80) or image[2, y, x].item() != 100 + k
+
+        assert sx1 == source[0] or cut(y1, x1 - 1)
+        assert sy1 == source[1] or cut(y1 - 1, x1)
+        assert sx2 == source[2] or cut(y2, x2 + 1)
+        assert sy2 == source[3] or cut(y2 + 1, x2)
+    present = {(int(image[2, y, x]) - 100, int(image[0, y, x]), int(image[1, y, x]))
+               for y in range(60) for x in range(80)}
+    for k, (_, source_boxes, source_labels) in enumerate(pieces):
+        for b, lab in zip(source_boxes.tolist(), source_labels.tolist()):
+            centre = (k, int((b[0] + b[2] + 1) // 2), int((b[1] + b[3] + 1) // 2))
+            assert (centre in present) == (lab in labels.tolist()), (seed, lab)
+
+
+def test_mosaic_resizes_pieces_to_the_first_short_side():
+    """A piece twice the first's size is halved: its 20-px boxes become 10-px ones on the same pixels."""
+    tiles = torch.tensor([[x, y, x + 19, y + 19] for y in range(0, 120, 20) for x in range(0, 160, 20)]).float()
+    first = (_coded(60, 80, 0), torch.tensor([[30.0, 20.0, 49.0, 39.0]]), torch.tensor([1]))
+    big = (_coded(120, 160, 1), tiles, torch.arange(len(tiles)) + 100)
+    for seed in range(4):
+        image, boxes, labels = mosaic([first, big, first, first], (7.0,) * 3, torch.Generator().manual_seed(seed))
+        halved, whole = boxes[labels >= 100], 0
+        assert len(halved) > 0 and torch.equal(halved, halved.round())  # +1 convention: 20-px tiles, 10-px pixels
+        halved = halved.long()
+        for (x1, y1, x2, y2), label in zip(halved.tolist(), labels[labels >= 100].tolist()):
+            assert (image[2, y1:y2 + 1, x1:x2 + 1] == 101).all()
+            if (x2 - x1, y2 - y1) == (9, 9):  # not cut by the window: the tile, halved, where its pixels went
+                tile = tiles[label - 100].tolist()
+                assert abs(image[0, y1, x1].item() - (tile[0] + 0.5)) <= 0.5
+                assert abs(image[1, y2, x2].item() - (tile[3] - 0.5)) <= 0.5
+                whole += 1
+            else:
+                assert x2 - x1 < 9 or y2 - y1 < 9
+        assert whole > 0 or len(halved) <= 4
+
+
+def test_a_narrower_piece_touches_the_centre_and_leaves_the_fill():
+    """First image 20 x 100: a 40 x 40 piece is halved to 20 x 20, narrower than its quarter, so it sits against
+    the centre with the fill beside it; its tall box, halved to columns 2..5, moves with it when its centre
+    row ((0 + 19 + 1) / 2 = 10 of the halved piece's 20) is in the window."""
+    first = (_coded(20, 100, 0), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    square = (_coded(40, 40, 1), torch.tensor([[4.0, 0.0, 11.0, 39.0]]), torch.tensor([5]))
+    kept = 0
+    for seed in range(8):
+        image, boxes, labels = mosaic([first, square, first, first], (7.0,) * 3, torch.Generator().manual_seed(seed))
+        ys, xs = torch.nonzero(image[2] == 101, as_tuple=True)
+        left, right, top, bottom = xs.min().item(), xs.max().item(), ys.min().item(), ys.max().item()
+        assert right - left + 1 == 20 and top == 0  # top right: the piece's whole width, from the top
+        xc, yc = left, bottom + 1
+        assert (image[:, :yc, right + 1:] == 7.0).all() and right + 1 < 100  # the fill beyond it
+        assert (image[2, :yc, :xc] == 100).all()  # the first image's quarter up to the centre
+        y0 = round((image[1, 1, left].item() - 0.5) / 2) - 1  # the window's first row (halved row r holds 2r + 0.5)
+        if y0 <= 10 < y0 + yc:
+            assert boxes[labels == 5].tolist() == [[left + 2, 0, left + 5, bottom]]
+            kept += 1
+        else:
+            assert 5 not in labels.tolist()
+    assert 0 < kept < 8
+
+
+def test_mosaic_in_batches_is_seeded_switchable_and_refused_out_of_range():
+    data = ListSet(SCENES)
+    on = _cfg("TRAIN.MOSAIC=1")
+    first = [TrainBatches(data, on)[it] for it in range(4)]
+    again = TrainBatches(data, on)
+    assert all(torch.equal(again[it].images, first[it].images) for it in (3, 0))
+    plain = TrainBatches(data, _cfg())
+    assert all(b.images.shape == plain[it].images.shape for it, b in enumerate(first))  # the first image's size
+    assert any(not torch.equal(b.images, plain[it].images) for it, b in enumerate(first))
+    with pytest.raises(ConfigError, match=r"TRAIN.MOSAIC=1.5 must lie in \[0, 1\]"):
+        load_config(None, ["TRAIN.MOSAIC=1.5"])

@@ -59,6 +59,7 @@ class TrainConfig:
     # augmentation (training only; every transform moves the boxes with the pixels, +1 convention kept)
     COLOR_JITTER: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue (0 = off)
     RANDOM_CROP: float = 0.0  # 0 = off; else the smallest fraction of each side a random crop keeps
+    MOSAIC: float = 0.0  # probability that a training image is a mosaic of four (0 = off)
     ROTATE90: bool = False  # turn each training image by a random multiple of 90 degrees (data with no "up")
     # approximate (the write-up's): RoI coordinates are constants for the RoI-wise loss; exact (Ren et al.
     # 3.2, non-approximate): its gradient flows through crop pooling's sampling grid into the RPN's deltas
@@ -183,6 +184,8 @@ class Config:
                               "contrast, saturation, hue; hue at most 0.5)")
         if not 0 <= self.TRAIN.EMA_DECAY < 1:
             raise ConfigError(f"TRAIN.EMA_DECAY={self.TRAIN.EMA_DECAY} must lie in [0, 1) (0 = off)")
+        if not 0 <= self.TRAIN.MOSAIC <= 1:
+            raise ConfigError(f"TRAIN.MOSAIC={self.TRAIN.MOSAIC} must lie in [0, 1] (0 = off)")
         if not 0 <= self.TRAIN.RANDOM_CROP < 1:
             raise ConfigError(f"TRAIN.RANDOM_CROP={self.TRAIN.RANDOM_CROP} must lie in [0, 1) (0 = off)")
         if self.TRAIN.MAX_EPOCHS < 0 or any(e <= 0 for e in self.TRAIN.STEP_EPOCHS):
@@ -497,6 +500,19 @@ def parse_override(text: str) -> dict[str, Any]:
     for p in reversed(parts[:-1]):
         nested = {p: nested}
     return nested
+
+
+DEFAULT_TRAINING_PRESET = "scratch-cpu"
+
+
+def default_training_preset(overrides: typing.Iterable[str] = ()) -> str | None:
+    """The preset ``frcnn train`` and ``frcnn check-data`` take without ``--config``: ``scratch-cpu``, a network that
+    trains from scratch on a CPU in minutes, unless an override sets ``PRETRAINED`` (a backbone's weights): then
+    None, the reference's defaults (the write-up's ResNet-50 C4, made to start from ImageNet weights)."""
+    for text in overrides:
+        if "=" in text and text.split("=", 1)[0].strip() == "PRETRAINED" and parse_override(text)["PRETRAINED"]:
+            return None
+    return DEFAULT_TRAINING_PRESET
 
 
 def load_config(preset_or_yaml: str | None = None, overrides: typing.Iterable[str] = ()) -> Config:

@@ -1,11 +1,16 @@
-"""Training-time augmentation for small data sets: random crop, quarter turns and colour jitter.
+"""Training-time augmentation for small data sets: mosaic, random crop, quarter turns and colour jitter.
 
-All are off by default and switched on by ``TRAIN.RANDOM_CROP``, ``TRAIN.ROTATE90`` and ``TRAIN.COLOR_JITTER``;
+All are off by default and switched on by ``TRAIN.MOSAIC``, ``TRAIN.RANDOM_CROP``, ``TRAIN.ROTATE90`` and
+``TRAIN.COLOR_JITTER``;
 :class:`frcnn.engine.batches.TrainBatches` applies them to each training image before the usual pre-processing
 (:func:`frcnn.transforms.prep_image`: resize to one of ``TRAIN.SCALES``, mirror, normalise). Two more
 augmentations exist without this module: the mirrored copies of ``TRAIN.USE_FLIPPED`` and scale jitter, since
 ``TRAIN.SCALES`` may list several short sides and every batch picks one of them at random.
 
+* :func:`mosaic`: with probability ``TRAIN.MOSAIC``, the image and three more drawn at random from the training
+  set share one image of the first's size, a quarter each around a random centre (YOLOv4's mosaic, each piece at
+  the scale training gives it alone); boxes follow :func:`crop_boxes`'s rule. A mosaic that keeps no box is
+  not used (the image stays as it was).
 * :func:`random_crop`: with probability 0.5, a window whose width and height are each a uniform fraction in
   ``[min_fraction, 1]`` of the image's, at a uniform position. A box is kept if its centre lies in the window,
   clipped to it and shifted into its pixels (the +1 convention of :mod:`frcnn.boxes`); the others are dropped
@@ -30,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from frcnn.boxes import clip_boxes
+from frcnn.boxes import clip_boxes, scale_boxes
 
 CROP_TRIES = 10
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
@@ -79,6 +84,44 @@ def random_crop(image: Tensor, boxes: Tensor, labels: Tensor, min_fraction: floa
         if bool(keep.any()) or len(boxes) == 0:
             return image[:, y0:y0 + ch, x0:x0 + cw].contiguous(), cropped, labels[keep]
     return image, boxes, labels
+
+
+# --------------------------------------------------------------------------------------------- mosaic
+
+def mosaic(pieces: Sequence[tuple[Tensor, Tensor, Tensor]], fill: Sequence[float],
+           generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Four ``(image, boxes, labels)`` in one image the size of the first, split at a random centre.
+
+    The centre ``(xc, yc)`` is uniform in the middle half of each side; piece ``k`` (0 top left, 1 top right,
+    2 bottom left, 3 bottom right) fills its quarter with a window of its own pixels at a uniform position,
+    after a resize that gives it the first image's short side (so its objects keep the scale training would
+    give them alone). A piece smaller than its quarter touches the centre and leaves ``fill`` around it. Boxes
+    go through :func:`crop_boxes` (centre in the window) and move with their window; the +1 convention holds.
+    """
+    first = pieces[0][0]
+    _, h, w = first.shape
+    xc = min(w - 1, max(1, int(_uniform(0.25, 0.75, generator) * w)))
+    yc = min(h - 1, max(1, int(_uniform(0.25, 0.75, generator) * h)))
+    canvas = torch.as_tensor(fill, dtype=first.dtype).view(3, 1, 1).expand(3, h, w).clone()
+    out_boxes, out_labels = [], []
+    for k, (image, boxes, labels) in enumerate(pieces):
+        factor = min(h, w) / min(image.shape[-2:])
+        if k and factor != 1.0:
+            size = (max(1, round(image.shape[-2] * factor)), max(1, round(image.shape[-1] * factor)))
+            image = torch.nn.functional.interpolate(image[None], size=size, mode="bilinear",
+                                                    align_corners=False, antialias=factor < 1)[0]
+            boxes = clip_boxes(scale_boxes(boxes, factor), *size)
+        right, bottom = k % 2 == 1, k >= 2
+        rw, rh = (w - xc if right else xc), (h - yc if bottom else yc)
+        cw, ch = min(rw, image.shape[-1]), min(rh, image.shape[-2])
+        x0 = int(_uniform(0.0, 1.0, generator) * (image.shape[-1] - cw + 1))
+        y0 = int(_uniform(0.0, 1.0, generator) * (image.shape[-2] - ch + 1))
+        px, py = (xc if right else xc - cw), (yc if bottom else yc - ch)
+        canvas[:, py:py + ch, px:px + cw] = image[:, y0:y0 + ch, x0:x0 + cw]
+        keep, cropped = crop_boxes(boxes, (x0, y0, cw, ch))
+        out_boxes.append(cropped + cropped.new_tensor([px, py, px, py]))
+        out_labels.append(labels[keep])
+    return canvas, torch.cat(out_boxes), torch.cat(out_labels)
 
 
 # --------------------------------------------------------------------------------------------- quarter turns

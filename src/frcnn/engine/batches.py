@@ -12,11 +12,11 @@ images, positions ``0 .. world_size * IMS_PER_BATCH - 1`` of the same pure funct
 process ``rank`` takes positions ``rank * IMS_PER_BATCH ..``. Each image is sampled by its global
 position, so the split across processes changes nothing but which process computes what.
 
-Augmentation (``TRAIN.RANDOM_CROP``, ``TRAIN.ROTATE90``, ``TRAIN.COLOR_JITTER``, :mod:`frcnn.data.augment`) draws
+Augmentation (``TRAIN.MOSAIC``, ``RANDOM_CROP``, ``ROTATE90``, ``COLOR_JITTER``, :mod:`frcnn.data.augment`) draws
 from a generator of its own per image, seeded by ``iteration_seed(image_seed(seed, i, p), AUGMENT_STREAM)``: a pure
 function of ``(seed, i, p)`` like the rest, and the streams above are unchanged by it (with the keys off, not a bit
-moves). Each image is cropped (original pixels), turned, colour-jittered (0..255), then resized, mirrored and
-normalised.
+moves). Each image is made a mosaic, cropped (original pixels), turned, colour-jittered (0..255), then resized,
+mirrored and normalised (a mosaic is mirrored whole, as its first image's entry says).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from frcnn.boxes import flip_boxes, scale_boxes
 from frcnn.config import Config
-from frcnn.data.augment import color_jitter, random_crop, rotate90
+from frcnn.data.augment import color_jitter, mosaic, random_crop, rotate90
 from frcnn.data.sample import Sample
 from frcnn.transforms import batch_images, image_to_tensor, prep_image
 
@@ -67,21 +67,31 @@ def augment_seed(seed: int, iteration: int, position: int) -> int:
 
 def training_image(dataset: DetectionDataset, sample: Sample, cfg: Config, iteration: int,
                    position: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The image (3, H, W) of 0..255 values before the resize, with its non-difficult boxes and labels: cropped,
-    turned and colour-jittered when ``TRAIN.RANDOM_CROP`` / ``ROTATE90`` / ``COLOR_JITTER`` are on, from the image's
-    own augmentation generator (:func:`augment_seed`); mirror boxes in ``image.shape[-1]`` (a crop's or turned
-    image's width)."""
+    """The image (3, H, W) of 0..255 values before the resize, with its non-difficult boxes and labels: made a
+    mosaic, cropped, turned and colour-jittered when ``TRAIN.MOSAIC`` / ``RANDOM_CROP`` / ``ROTATE90`` /
+    ``COLOR_JITTER`` are on, from the image's own augmentation generator (:func:`augment_seed`); mirror boxes in
+    ``image.shape[-1]`` (a crop's or turned image's width)."""
     train = cfg.TRAIN
-    image = image_to_tensor(dataset.load_image(sample))
-    keep = ~sample.difficult
-    boxes, labels = sample.boxes[keep], sample.labels[keep]
-    if train.RANDOM_CROP > 0 or any(train.COLOR_JITTER) or train.ROTATE90:
+    image, boxes, labels = _plain(dataset, sample)
+    if train.RANDOM_CROP > 0 or any(train.COLOR_JITTER) or train.ROTATE90 or train.MOSAIC > 0:
         g = torch.Generator().manual_seed(augment_seed(cfg.RNG_SEED, iteration, position))
+        if train.MOSAIC > 0 and float(torch.rand(1, generator=g)) < train.MOSAIC:
+            others = torch.randint(len(dataset), (3,), generator=g).tolist()
+            pieces = [(image, boxes, labels)] + [_plain(dataset, dataset[i]) for i in others]
+            mixed = mosaic(pieces, cfg.PIXEL_MEANS, g)
+            if len(mixed[1]) or not len(boxes):
+                image, boxes, labels = mixed
         image, boxes, labels = random_crop(image, boxes, labels, train.RANDOM_CROP, g)
         if train.ROTATE90:
             image, boxes = rotate90(image, boxes, g)
         image = color_jitter(image, train.COLOR_JITTER, g)
     return image, boxes, labels
+
+
+def _plain(dataset: DetectionDataset, sample: Sample) -> tuple[Tensor, Tensor, Tensor]:
+    """The image (3, H, W) of 0..255 values with its non-difficult boxes and labels."""
+    keep = ~sample.difficult
+    return image_to_tensor(dataset.load_image(sample)), sample.boxes[keep], sample.labels[keep]
 
 
 @dataclass
