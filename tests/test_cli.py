@@ -203,3 +203,48 @@ def test_demo_refuses_a_non_empty_out(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--no-progress"]) == 2
     assert str(tmp_path) in _error_line(capsys)
     assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------------ without --config
+
+def test_the_default_training_preset():
+    from frcnn.config import default_training_preset
+
+    assert default_training_preset([]) == "scratch-cpu"
+    assert default_training_preset(["TRAIN.MAX_ITERS=3", "PRETRAINED="]) == "scratch-cpu"  # empty: no weights
+    assert default_training_preset(["PRETRAINED=resnet50.pth"]) is None
+    assert default_training_preset([" PRETRAINED = w.safetensors"]) is None
+
+
+def test_train_without_config_trains_scratch_cpu_and_check_data_agrees(voc, tmp_path, capsys):
+    """Without --config a new user gets the from-scratch CPU preset (not the write-up's ResNet-50 from random
+    weights for 70000 iterations), said in one line; check-data fits the anchors of that same preset."""
+    from frcnn.config import load_config
+    from frcnn.engine.checkpoint import read_config
+
+    small = ["--set", "TRAIN.SCALES=128", "--set", "TRAIN.MAX_SIZE=128", "--set", "TEST.SCALES=128",
+             "--set", "TEST.MAX_SIZE=128", "--set", "TRAIN.MAX_EPOCHS=0.5", "--set", "TRAIN.STEP_EPOCHS=[0.25]",
+             "--set", "TRAIN.WARMUP_ITERS=0", "--set", "DEVICE=cpu"]
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(voc), "--split", "trainval", "--out", str(out), "--no-progress",
+                 *small]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == ("config: scratch-cpu (no --config; for the write-up's ResNet-50 from ImageNet weights: "
+                          "--config voc-r50-c4 --set PRETRAINED=FILE)")
+    cfg = read_config(out / "config.yaml")
+    preset = load_config("scratch-cpu", small[1::2])
+    assert (cfg.BACKBONE, cfg.TRAIN.IMS_PER_BATCH, cfg.TRAIN.LEARNING_RATE) == ("tiny", 4, 0.02)
+    assert cfg.TRAIN.MAX_ITERS == 2  # 0.5 epochs of 12 images (6 + mirrored), 4 an iteration
+    assert (cfg.RPN_CHANNELS, cfg.TRAIN.BATCH_SIZE, cfg.TRAIN.RPN_ALLOWED_BORDER) == (
+        preset.RPN_CHANNELS, preset.TRAIN.BATCH_SIZE, preset.TRAIN.RPN_ALLOWED_BORDER)
+    (chosen,) = [line for line in printed if line.startswith("anchors: ANCHOR_SCALES=auto -> ")]
+    assert main(["check-data", "--data", str(voc), "--split", "trainval", "--no-progress", *small]) == 0
+    report = capsys.readouterr().out.splitlines()
+    assert report[0] == printed[0] and report[-1] == f"  {chosen[len('anchors: '):]}"
+    # with a backbone's weights named, the reference's defaults (fixed anchors: a suggestion, no auto line)
+    assert main(["check-data", "--data", str(voc), "--split", "trainval", "--no-progress", "--set",
+                 "PRETRAINED=resnet50.pth"]) == 0
+    report = capsys.readouterr().out
+    assert not report.startswith("config:") and "ANCHOR_SCALES auto" not in report and "suggested: " in report
+    assert main(["check-data", "--data", str(voc), "--split", "trainval", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["anchor_fit"]  # --json: the JSON object alone

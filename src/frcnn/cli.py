@@ -13,15 +13,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from frcnn import __version__
-from frcnn.config import PRESETS
+from frcnn.config import DEFAULT_TRAINING_PRESET, PRESETS
 from frcnn.errors import FrcnnError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+DEFAULT_CONFIG_HELP = (f" (default: {DEFAULT_TRAINING_PRESET}, training from scratch; with --set PRETRAINED=FILE "
+                       "the reference's defaults, the write-up's ResNet-50 C4)")
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, default: str = "") -> None:
     p.add_argument("--config", metavar="PRESET_OR_YAML",
-                   help=f"a preset ({', '.join(PRESETS)}) or a YAML file of config keys")
+                   help=f"a preset ({', '.join(PRESETS)}) or a YAML file of config keys{default}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set TRAIN.RPN_BATCHSIZE=128 (repeatable)")
 
@@ -146,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="run folder (new or empty; with --resume, the run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last snapshot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_config_args(p)
+    _add_config_args(p, DEFAULT_CONFIG_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("check-data", help="find problems in a data set before training; anchor fit",
@@ -163,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write histograms of box sizes and aspect ratios")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_config_args(p)
+    _add_config_args(p, DEFAULT_CONFIG_HELP)
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint or detections on VOC or COCO data (per-class AP, mAP)",
@@ -280,7 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------- commands
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from frcnn.config import load_config
     from frcnn.data import parse_classes
     from frcnn.data.check import training_set
     from frcnn.engine.train import train
@@ -294,7 +295,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         for text in args.overrides:
             cfg = merge(cfg, parse_override(text))
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = _training_config(args)
     if args.eval_every is not None and (args.val_split is None or args.eval_every < 1):
         raise ConfigError("--eval-every N needs --val-split and N >= 1")
     classes = parse_classes(args.classes) if args.classes else None
@@ -313,13 +314,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_config(args: argparse.Namespace, say: bool = True):
+    """``--config`` and ``--set`` of train and check-data; without ``--config``, the default preset for training
+    (:func:`frcnn.config.default_training_preset`), said in one line."""
+    from frcnn.config import default_training_preset, load_config
+
+    preset = args.config
+    if preset is None:
+        preset = default_training_preset(args.overrides)
+        if preset and say:
+            print(f"config: {preset} (no --config; for the write-up's ResNet-50 from ImageNet weights: "
+                  "--config voc-r50-c4 --set PRETRAINED=FILE)")
+    return load_config(preset, args.overrides)
+
+
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from frcnn.config import AUTO, load_config
+    from frcnn.config import AUTO
     from frcnn.data import parse_classes
     from frcnn.data.anchor_fit import anchor_fit, format_fit, small_boxes, suggest_scales, write_histograms
     from frcnn.data.check import check_data, fit_samples, format_counts, format_problems
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _training_config(args, say=not args.json)
     classes = parse_classes(args.classes) if args.classes else None
     report = check_data(args.data, args.split, classes, args.images, progress=not (args.no_progress or args.json))
     samples = fit_samples(report)
