@@ -29,7 +29,9 @@ import argparse
 import random
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from PIL import Image
 
@@ -45,6 +47,7 @@ MIN_INSIDE = 0.5  # another cell is kept (clipped) when at least this share of i
 PLACEMENTS = 20
 JPEG_QUALITY = 95
 
+T = TypeVar("T")
 Box = tuple[float, float, float, float]  # 0-based inclusive (x1, y1, x2, y2)
 
 
@@ -104,23 +107,29 @@ def crop_around(cell: Box, boxes: list[Box], width: int, height: int,
     return None
 
 
-def make_wbc_crops(bccd: Path, out: Path, seed: int = 0) -> dict[str, tuple[int, int]]:
-    """Write the set to ``out``; returns ``{split: (images, cells)}``."""
+def write_new_set(out: Path, write: Callable[[Path], T]) -> T:
+    """``write(out)`` into ``out``, a new or empty folder (else a :class:`FrcnnError`, nothing touched); if it fails,
+    what it wrote is removed, so the same ``--out`` works again."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FrcnnError(f"{out} exists and is not an empty folder; give a new --out")
-    splits = {split: VOCDataset(bccd, split) for split in SPLITS}  # a bad --bccd stops before out is touched
-    for split, data in splits.items():
-        if CLASS not in data.classes:
-            raise FrcnnError(f"{bccd} {split}: no {CLASS} boxes (is this BCCD?)")
     existed = out.exists()
     try:
-        return _write(splits, bccd, out, seed)
-    except BaseException:  # out was new or empty: remove what this run wrote, so the same --out works again
+        return write(out)
+    except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         if existed:
             out.mkdir()
         raise
+
+
+def make_wbc_crops(bccd: Path, out: Path, seed: int = 0) -> dict[str, tuple[int, int]]:
+    """Write the set to ``out``; returns ``{split: (images, cells)}``."""
+    splits = {split: VOCDataset(bccd, split) for split in SPLITS}  # a bad --bccd stops before out is touched
+    for split, data in splits.items():
+        if CLASS not in data.classes:
+            raise FrcnnError(f"{bccd} {split}: no {CLASS} boxes (is this BCCD?)")
+    return write_new_set(out, lambda folder: _write(splits, bccd, folder, seed))
 
 
 def _write(splits: dict[str, VOCDataset], bccd: Path, out: Path, seed: int) -> dict[str, tuple[int, int]]:
@@ -154,21 +163,27 @@ def _write(splits: dict[str, VOCDataset], bccd: Path, out: Path, seed: int) -> d
     return counts
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def run(make: Callable[[Path, Path, int], dict[str, tuple[int, int]]], doc: str, seed_help: str, unit: str,
+        argv=None) -> int:
+    """The command line of a set maker ``make(bccd, out, seed)``: one line a split (images and ``unit``)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--bccd", type=Path, default=DEFAULT_BCCD, help="BCCD's VOC root")
     p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for the set")
-    p.add_argument("--seed", type=int, default=0, help="window draws (default 0)")
+    p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
     args = p.parse_args(argv)
     try:
-        counts = make_wbc_crops(args.bccd, args.out, args.seed)
+        counts = make(args.bccd, args.out, args.seed)
     except (FrcnnError, OSError) as e:  # OSError: an unreadable image, a full disk (nothing half-written is left)
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for split, (images, cells) in counts.items():
-        print(f"{split}: {images} images, {cells} white cells")
+    for split, (images, boxes) in counts.items():
+        print(f"{split}: {images} images, {boxes} {unit}")
     print(f"wrote {args.out}")
     return 0
+
+
+def main(argv=None) -> int:
+    return run(make_wbc_crops, __doc__, "window draws", "white cells", argv)
 
 
 if __name__ == "__main__":

@@ -349,7 +349,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         print(json.dumps({**report.to_json(), "anchor_fit": current.to_json(report.classes),
                           "suggested_anchor_scales": list(fits[0].scales) if fits else None,
                           "suggested_fit": fits[0].to_json(report.classes) if fits else None,
-                          "small_boxes": small_boxes(current)}))
+                          "small_boxes": small_boxes(current, report.classes)}))
     else:
         print("\n".join(format_counts(report) + format_problems(report)
                         + format_fit(fits, current, report.classes, auto=auto)))

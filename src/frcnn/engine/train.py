@@ -255,7 +255,7 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
             fit = auto_anchor_fit([dataset[i] for i in range(len(dataset))], cfg)
             scales = fit.scales
             lines.append(f"anchors: {describe_auto(fit)}")
-            if hint := small_boxes_hint(fit):  # no anchor set helps boxes this small; a larger input does
+            if hint := small_boxes_hint(fit, getattr(dataset, "classes", ())):  # no anchor fits boxes this small
                 lines.append(hint.strip())
         resolved["ANCHOR_SCALES"] = AUTO
     elif saved is not None and before.get("ANCHOR_SCALES") == AUTO and tuple(scales) == tuple(saved.ANCHOR_SCALES):
