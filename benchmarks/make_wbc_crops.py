@@ -29,7 +29,7 @@ import argparse
 import random
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -163,16 +163,19 @@ def _write(splits: dict[str, VOCDataset], bccd: Path, out: Path, seed: int) -> d
     return counts
 
 
-def run(make: Callable[[Path, Path, int], dict[str, tuple[int, int]]], doc: str, seed_help: str, unit: str,
-        argv=None) -> int:
-    """The command line of a set maker ``make(bccd, out, seed)``: one line a split (images and ``unit``)."""
+def run(make: Callable[..., dict[str, tuple[int, int]]], doc: str, seed_help: str, unit: str, argv=None,
+        options: Sequence[tuple[str, int, str]] = ()) -> int:
+    """The command line of a set maker ``make(bccd, out, seed, **options)``: one line a split (images and ``unit``).
+    ``options``: more integer options, ``(name, default, help)`` each, given to ``make`` by name."""
     p = argparse.ArgumentParser(description=doc.split("\n")[0])
     p.add_argument("--bccd", type=Path, default=DEFAULT_BCCD, help="BCCD's VOC root")
     p.add_argument("--out", type=Path, required=True, help="a new (or empty) folder for the set")
     p.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default 0)")
+    for name, default, text in options:
+        p.add_argument(f"--{name}", type=int, default=default, help=f"{text} (default {default})")
     args = p.parse_args(argv)
     try:
-        counts = make(args.bccd, args.out, args.seed)
+        counts = make(args.bccd, args.out, args.seed, **{name: getattr(args, name) for name, _, _ in options})
     except (FrcnnError, OSError) as e:  # OSError: an unreadable image, a full disk (nothing half-written is left)
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -11,21 +11,18 @@ from PIL import Image
 from test_voc import BCCD, needs_bccd
 
 from frcnn.boxes import box_iou
-from frcnn.config import load_config, merge, parse_override
+from frcnn.config import load_config
 from frcnn.data.anchor_fit import (
     anchor_fit,
     anchors_inside,
     best_anchor_iou,
     format_fit,
     resized_groups,
-    small_boxes,
-    small_boxes_hint,
     suggest_scales,
     write_histograms,
 )
 from frcnn.data.check import check_data, fit_samples
 from frcnn.data.sample import Sample
-from frcnn.engine.train import resolve_run_config
 from frcnn.model.anchor_target import taking_part
 from frcnn.model.anchors import generate_anchors, shift_anchors
 
@@ -95,66 +92,6 @@ def test_small_objects_get_no_anchor_and_smaller_scales_are_suggested(tmp_path):
     assert fit.to_json(["dot"])["per_class"]["dot"]["below_negative"] == 100
     write_histograms(fit, tmp_path / "h.png")
     assert Image.open(tmp_path / "h.png").size == (1000, 380)
-
-
-def tiny_objects(side: float) -> list[Sample]:
-    """20 images of 1000 x 1000, 5 boxes each, every box ``side`` x ``side`` px (+1 convention)."""
-    g = torch.Generator().manual_seed(1)
-    samples = []
-    for i in range(20):
-        xy = (torch.rand(5, 2, generator=g) * 900).round()
-        samples.append(Sample(str(i), f"{i}.jpg", 1000, 1000, torch.cat((xy, xy + side - 1), dim=1),
-                              torch.ones(5, dtype=torch.long), torch.zeros(5, dtype=torch.bool)))
-    return samples
-
-
-def test_boxes_under_two_strides_get_a_larger_input_suggested():
-    cfg = load_config("scratch-cpu")  # scale 320, max 512, stride 8
-    fit = anchor_fit(tiny_objects(30), cfg)  # 30 px at 320 / 1000: 9.6 px, under 16
-    # by hand: 320 x 16 / 9.6 = 533.3 -> 544 (multiple of 32); 512 x 544 / 320 = 870.4 -> 896; (544 / 320)^2 = 2.89
-    expected = ("  warning: 100 (100.0%) of the boxes are under 16 px (2 x the stride 8) at scale 320: few anchors "
-                "on a 8-px grid reach IoU 0.7 with them; a larger input brings 3 in 4 boxes to 16 px or more, at "
-                "about 2.9x the time an iteration: --set TRAIN.SCALES=[544] --set TRAIN.MAX_SIZE=896 "
-                "--set TEST.SCALES=[544] --set TEST.MAX_SIZE=896")
-    assert small_boxes_hint(fit) == expected
-    assert small_boxes(fit) == {"class": None, "under_px": 16, "stride": 8, "boxes": 100, "out_of": 100, "share": 1.0,
-                                "scale": 544, "max_size": 896, "cost": 2.89}  # what check-data --json says
-    assert expected in format_fit(suggest_scales(tiny_objects(30), cfg), fit, ["dot"])
-    # what it promises: at the suggested input the boxes are 16 px or more, and more of them get an anchor
-    larger = merge(merge(cfg, parse_override("TRAIN.SCALES=[544]")), parse_override("TRAIN.MAX_SIZE=896"))
-    bigger = anchor_fit(tiny_objects(30), larger)
-    assert float(bigger.sizes.min()) == pytest.approx(30 * 544 / 1000)
-    best_before, best_after = suggest_scales(tiny_objects(30), cfg)[0], suggest_scales(tiny_objects(30), larger)[0]
-    assert best_after.below(0.7) < best_before.below(0.7)
-    assert small_boxes_hint(anchor_fit(tiny_objects(60), cfg)) is None  # 19.2 px: no warning
-    # frcnn train with ANCHOR_SCALES: auto says it too, right after the anchors it chose
-    lines = resolve_run_config(cfg, tiny_objects(30))[1]
-    at = next(i for i, line in enumerate(lines) if line.startswith("anchors: ANCHOR_SCALES=auto -> [0.5, 1, 2]"))
-    assert lines[at + 1] == expected.strip()
-
-
-def test_one_class_of_small_boxes_gets_the_larger_input_suggested():
-    """Each of 20 images of 1000 x 1000: one 30 px box of class a (9.6 px at scale 320) and nine 200 px boxes of
-    class b (64 px). 10% of all boxes are small, so the whole-set rule keeps quiet; all of class a's are."""
-    g = torch.Generator().manual_seed(2)
-    samples = []
-    for i in range(20):
-        xy = (torch.rand(10, 2, generator=g) * 790).round()
-        side = torch.tensor([30.0] + [200.0] * 9).unsqueeze(1)
-        samples.append(Sample(str(i), f"{i}.jpg", 1000, 1000, torch.cat((xy, xy + side - 1), dim=1),
-                              torch.tensor([1] + [2] * 9), torch.zeros(10, dtype=torch.bool)))
-    cfg = load_config("scratch-cpu")
-    fit = anchor_fit(samples, cfg)
-    assert small_boxes(fit) is None and small_boxes_hint(fit) is None  # without class names: 20 of 200
-    # by hand, as for one class: 320 x 16 / 9.6 -> 544, 512 x 544 / 320 -> 896, (544 / 320)^2 = 2.89
-    assert small_boxes(fit, ["a", "b"]) == {"class": "a", "under_px": 16, "stride": 8, "boxes": 20, "out_of": 20,
-                                            "share": 1.0, "scale": 544, "max_size": 896, "cost": 2.89}
-    expected = ("  warning: 20 (100.0%) of the a boxes are under 16 px (2 x the stride 8) at scale 320: few anchors "
-                "on a 8-px grid reach IoU 0.7 with them; a larger input brings 3 in 4 a boxes to 16 px or more, at "
-                "about 2.9x the time an iteration: --set TRAIN.SCALES=[544] --set TRAIN.MAX_SIZE=896 "
-                "--set TEST.SCALES=[544] --set TEST.MAX_SIZE=896")
-    assert small_boxes_hint(fit, ["a", "b"]) == expected
-    assert expected in format_fit(suggest_scales(samples, cfg), fit, ["a", "b"])
 
 
 @needs_bccd

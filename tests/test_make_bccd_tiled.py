@@ -70,3 +70,20 @@ def test_a_non_empty_out_is_refused_and_left_alone(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
     with pytest.raises(tiled.FrcnnError, match="not an empty folder"):
         tiled.make_bccd_tiled(tmp_path / "voc", tmp_path / "out")
+
+
+def test_grid_and_repeats(tmp_path):
+    assert tiled.tile_offsets(40, 30, 3) == [(0, 0), (40, 0), (80, 0), (0, 30), (40, 30), (80, 30), (0, 60), (40, 60),
+                                             (80, 60)]
+    truth = _voc(tmp_path / "voc")
+    # one picture a tile, trainval's pictures twice (two orders), test's once
+    assert tiled.make_bccd_tiled(tmp_path / "voc", tmp_path / "out", seed=3, grid=1, repeats=2) == {
+        "trainval": (10, 10), "test": (4, 4)}
+    data = VOCDataset(tmp_path / "out", "trainval")
+    sources = sorted(min(truth, key=lambda k: truth[k][1] != tuple(int(v) for v in data[i].boxes[0].tolist()))
+                     for i in range(len(data)))
+    assert sources == sorted([f"p{k}" for k in range(5)] * 2)  # each trainval picture in two tiles
+    assert tiled.main(["--bccd", str(tmp_path / "voc"), "--out", str(tmp_path / "o3"), "--grid", "3"]) == 0
+    assert (tmp_path / "o3" / "ImageSets" / "Main" / "test.txt").read_text() == ""  # 4 pictures: no 3 x 3 tile
+    with pytest.raises(tiled.FrcnnError, match="at least 1"):
+        tiled.make_bccd_tiled(tmp_path / "voc", tmp_path / "o4", grid=0)

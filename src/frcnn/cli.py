@@ -331,13 +331,15 @@ def _training_config(args: argparse.Namespace, say: bool = True):
 def cmd_check_data(args: argparse.Namespace) -> int:
     from frcnn.config import AUTO
     from frcnn.data import parse_classes
-    from frcnn.data.anchor_fit import anchor_fit, format_fit, small_boxes, suggest_scales, write_histograms
+    from frcnn.data.anchor_fit import anchor_fit, format_fit, suggest_scales, write_histograms
     from frcnn.data.check import check_data, fit_samples, format_counts, format_problems
+    from frcnn.data.small_boxes import scale_up, scale_up_line, small_boxes, small_boxes_hint
 
     cfg = _training_config(args, say=not args.json)
     classes = parse_classes(args.classes) if args.classes else None
     report = check_data(args.data, args.split, classes, args.images, progress=not (args.no_progress or args.json))
     samples = fit_samples(report)
+    cfg, grown = scale_up(cfg, samples, report.classes)  # the input frcnn train will take (TRAIN.SCALE_UP_LIMIT)
     # fits[0] is what ANCHOR_SCALES=auto chooses (anchor_fit.auto_anchor_fit, frcnn train's code path); the
     # suggestion is for C4 anchors: with NECK=fpn only the fit of the pyramid's anchors is reported
     fits = suggest_scales(samples, cfg) if cfg.NECK == "none" else []
@@ -349,10 +351,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         print(json.dumps({**report.to_json(), "anchor_fit": current.to_json(report.classes),
                           "suggested_anchor_scales": list(fits[0].scales) if fits else None,
                           "suggested_fit": fits[0].to_json(report.classes) if fits else None,
-                          "small_boxes": small_boxes(current, report.classes)}))
+                          "small_boxes": small_boxes(current, report.classes), "scale_up": grown}))
     else:
+        hint = small_boxes_hint(current, report.classes)
         print("\n".join(format_counts(report) + format_problems(report)
-                        + format_fit(fits, current, report.classes, auto=auto)))
+                        + ([scale_up_line(cfg, grown)] if grown else [])
+                        + format_fit(fits, current, report.classes, auto=auto) + ([hint] if hint else [])))
         if args.plot:
             print(f"histograms: {args.plot}")
     return 1 if report.unrepairable else 0

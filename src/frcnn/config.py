@@ -55,6 +55,10 @@ class TrainConfig:
     SCALES: tuple[int, ...] = (600,)
     MAX_SIZE: int = 1000
     IMS_PER_BATCH: int = 1  # images per process; the global batch is WORLD_SIZE x this
+    # 0 = off; else, when a quarter of the boxes (or of one class's) are under 2 strides at SCALES[0], frcnn train
+    # grows SCALES and MAX_SIZE (TEST's too) to bring them to 2 strides, at most this many times the time of an
+    # iteration, and writes the grown sizes into the run's config.yaml (frcnn.data.small_boxes)
+    SCALE_UP_LIMIT: float = 0.0
     USE_FLIPPED: bool = True
     # augmentation (training only; every transform moves the boxes with the pixels, +1 convention kept)
     COLOR_JITTER: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)  # brightness, contrast, saturation, hue (0 = off)
@@ -184,6 +188,8 @@ class Config:
                               "contrast, saturation, hue; hue at most 0.5)")
         if not 0 <= self.TRAIN.EMA_DECAY < 1:
             raise ConfigError(f"TRAIN.EMA_DECAY={self.TRAIN.EMA_DECAY} must lie in [0, 1) (0 = off)")
+        if self.TRAIN.SCALE_UP_LIMIT < 0:
+            raise ConfigError(f"TRAIN.SCALE_UP_LIMIT={self.TRAIN.SCALE_UP_LIMIT} must be at least 0 (0 = off)")
         if not 0 <= self.TRAIN.MOSAIC <= 1:
             raise ConfigError(f"TRAIN.MOSAIC={self.TRAIN.MOSAIC} must lie in [0, 1] (0 = off)")
         if not 0 <= self.TRAIN.RANDOM_CROP < 1:
@@ -347,7 +353,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "PIXEL_STDS": [58.395, 57.12, 57.375],
         "TRAIN": {"SCALES": [320], "MAX_SIZE": 512, "LEARNING_RATE": 0.02, "WEIGHT_DECAY": 0.0005,
                   "WARMUP_ITERS": 100, "MAX_EPOCHS": 17, "STEP_EPOCHS": [13], "IMS_PER_BATCH": 4,
-                  "SNAPSHOT_ITERS": 500, "AMP": "auto",
+                  "SNAPSHOT_ITERS": 500, "AMP": "auto", "SCALE_UP_LIMIT": 4.0,
                   "BATCH_SIZE": 64, "RPN_BATCHSIZE": 128, "RPN_PRE_NMS_TOP_N": 2000,
                   "RPN_POST_NMS_TOP_N": 300, "DISPLAY": 50, "BG_THRESH_LO": 0.0, "RPN_ALLOWED_BORDER": -1},
         "TEST": {"SCALES": [320], "MAX_SIZE": 512, "RPN_PRE_NMS_TOP_N": 1000, "RPN_POST_NMS_TOP_N": 100},

@@ -440,55 +440,6 @@ def _pct(n: int, total: int) -> str:
     return f"{n} ({100 * n / total:.1f}%)" if total else "0"
 
 
-SMALL_SHARE = 0.25  # small_boxes (and its warning) speak when at least this share of the boxes is under 2 strides
-
-
-def small_boxes(fit: AnchorFit, classes: Sequence[str] = ()) -> dict | None:
-    """When at least a quarter of the boxes, or of one class's boxes (``classes``: the names of labels 1..K), are
-    smaller than twice the (finest) stride at the training scale: how many (``boxes``) of how many (``out_of``) in
-    which group (``class``: None for all the boxes, else the class), and the input that brings that group's first
-    quartile to two strides (``scale``, a multiple of 32, the same for training and test, with ``max_size`` grown
-    alike) and its cost, about ``(scale / old) ** 2`` the time an iteration; else ``None``. Of several such groups,
-    the one needing the largest input speaks.
-
-    No anchor set helps such boxes much (anchors sit a stride apart: a same-sized anchor is off a 16 px box by up
-    to 4 px in x and y at stride 8, IoU 0.39); the input scale does (BCCD tiled 2 x 2, its platelets 13 px at 320:
-    mAP 0.760 there, 0.803 at the 448 suggested, 2 seeds, ``benchmarks/results/scratch_cpu.md``)."""
-    if not fit.count:
-        return None
-    stride = min(fit.levels) if fit.levels else fit.stride
-    limit = 2 * stride
-    groups = [(None, torch.ones_like(fit.labels, dtype=torch.bool))]
-    groups += [(name, fit.labels == k) for k, name in enumerate(classes, start=1)]
-    found = None
-    for name, mask in groups:
-        sizes = fit.sizes[mask]
-        small = int((sizes < limit).sum())
-        if not len(sizes) or small < SMALL_SHARE * len(sizes):
-            continue
-        quartile = max(float(sizes.quantile(SMALL_SHARE)), 1.0)
-        scale = math.ceil(fit.target_size * limit / quartile / 32) * 32
-        if found is None or scale > found["scale"]:
-            found = {"class": name, "under_px": limit, "stride": stride, "boxes": small,
-                     "share": round(small / len(sizes), 4), "scale": scale,
-                     "max_size": math.ceil(fit.max_size * scale / fit.target_size / 32) * 32,
-                     "cost": round((scale / fit.target_size) ** 2, 2), "out_of": len(sizes)}
-    return found
-
-
-def small_boxes_hint(fit: AnchorFit, classes: Sequence[str] = ()) -> str | None:
-    """:func:`small_boxes` as a warning line for the terminal, else ``None``."""
-    if (small := small_boxes(fit, classes)) is None:
-        return None
-    limit, stride, scale, max_size = small["under_px"], small["stride"], small["scale"], small["max_size"]
-    which = f"{small['class']} " if small["class"] is not None else ""
-    return (f"  warning: {_pct(small['boxes'], small['out_of'])} of the {which}boxes are under {limit} px (2 x the "
-            f"stride {stride}) at scale {fit.target_size}: few anchors on a {stride}-px grid reach IoU "
-            f"{fit.positive:g} with them; a larger input brings 3 in 4 {which}boxes to {limit} px or more, at "
-            f"about {small['cost']:.1f}x the time an iteration: --set TRAIN.SCALES=[{scale}] "
-            f"--set TRAIN.MAX_SIZE={max_size} --set TEST.SCALES=[{scale}] --set TEST.MAX_SIZE={max_size}")
-
-
 def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str], auto: bool = False,
                criterion: Callable[[AnchorFit], tuple] | None = None) -> list[str]:
     """Lines for the terminal: the config's anchors (overall and per class), what ``ANCHOR_SCALES=auto`` chooses
@@ -525,8 +476,6 @@ def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str]
         lines.append(f"  warning: {len(untrained)} of the {shapes_total} anchor shapes "
                      f"({shapes} px) lie inside no training image at this scale: the RPN never learns them, yet they "
                      f"propose at test time")
-    if hint := small_boxes_hint(current, classes):
-        lines.append(hint)
     if not fits:
         lines.append("  no ANCHOR_SCALES suggestion: auto and the suggestion choose C4 anchors (NECK=none), "
                      "not the pyramid's")

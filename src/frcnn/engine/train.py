@@ -18,8 +18,10 @@ iterations are the same with and without it.
 Resolved before iteration 1 (:func:`resolve_run_config`, process 0 computes, every process receives the same):
 ``TRAIN.MAX_EPOCHS > 0`` sets ``MAX_ITERS = ceil(MAX_EPOCHS x images an epoch / global batch)`` and ``STEPSIZE``
 from ``STEP_EPOCHS`` (rounded; empty: no step), an epoch being every image and, with ``USE_FLIPPED``, its mirrored
-copy (:mod:`frcnn.engine.batches`), the global batch ``processes x IMS_PER_BATCH``; ``ANCHOR_SCALES: auto`` becomes
-the list :func:`frcnn.data.anchor_fit.auto_anchor_fit` chooses from the training set (check-data's suggestion);
+copy (:mod:`frcnn.engine.batches`), the global batch ``processes x IMS_PER_BATCH``; ``TRAIN.SCALE_UP_LIMIT > 0``
+grows the input where the boxes are too small for the stride (:func:`frcnn.data.small_boxes.scale_up`: training's and
+test's ``SCALES`` and ``MAX_SIZE``); ``ANCHOR_SCALES: auto`` becomes the list
+:func:`frcnn.data.anchor_fit.auto_anchor_fit` chooses from the training set at that input (check-data's suggestion);
 ``TRAIN.AMP: auto`` the mixed precision this device computes natively (:func:`frcnn.engine.precision.resolve_amp`,
 resolved by every process, and again on ``--resume``, also from the run's own ``config.yaml``: a run moved to
 another machine says so if it changes).
@@ -211,18 +213,19 @@ def _saved_resolved(snapshot: Path) -> dict:
 
 def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int = 1,
                        snapshot: Path | None = None) -> tuple[Config, list[str], dict]:
-    """``cfg`` with ``TRAIN.MAX_EPOCHS`` (``> 0``) turned into ``MAX_ITERS``/``STEPSIZE`` and ``ANCHOR_SCALES: auto``
-    into a list, for ``dataset`` trained by ``world_size`` processes; returns ``(config, lines to print, what was
-    resolved from)``, the last for ``meta.json``. Resolving a resolved config again gives the same config.
+    """``cfg`` with ``TRAIN.MAX_EPOCHS`` (``> 0``) turned into ``MAX_ITERS``/``STEPSIZE``, the input grown by
+    ``TRAIN.SCALE_UP_LIMIT`` (``> 0``) and ``ANCHOR_SCALES: auto`` turned into a list, for ``dataset`` trained by
+    ``world_size`` processes; returns ``(config, lines to print, what was resolved from)``, the last for
+    ``meta.json``. Resolving a resolved config again gives the same config.
 
-    Resuming (``snapshot``): the run's values are kept: its ``ANCHOR_SCALES`` for ``auto``, its ``MAX_ITERS`` and
-    ``STEPSIZE`` unless ``MAX_EPOCHS`` or ``STEP_EPOCHS`` differ from the run's (then resolved again); one line
-    says when the training set (or the number of processes) would now give other iterations."""
+    Resuming (``snapshot``): the run's values are kept: its input sizes, its ``ANCHOR_SCALES`` for ``auto``, its
+    ``MAX_ITERS`` and ``STEPSIZE`` unless ``MAX_EPOCHS`` or ``STEP_EPOCHS`` differ from the run's (then resolved
+    again); one line says when the training set (or the number of processes) would now give other iterations."""
     lines: list[str] = []
     resolved: dict = {}
     before = _saved_resolved(snapshot) if snapshot is not None else {}
-    wanted = cfg.TRAIN.MAX_EPOCHS > 0 or cfg.ANCHOR_SCALES == AUTO or AUTO in (before.get("ANCHOR_SCALES"),
-                                                                             before.get("AMP"))
+    wanted = (cfg.TRAIN.MAX_EPOCHS > 0 or cfg.ANCHOR_SCALES == AUTO or cfg.TRAIN.SCALE_UP_LIMIT > 0
+              or AUTO in (before.get("ANCHOR_SCALES"), before.get("AMP")))
     saved = read_config(snapshot / CONFIG) if snapshot is not None and wanted else None
     train = cfg.TRAIN
     if train.MAX_EPOCHS > 0:
@@ -243,6 +246,22 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
             train = replace(train, MAX_ITERS=fresh.max_iters, STEPSIZE=fresh.steps)
             resolved["schedule"] = fresh.to_json()
             lines.append(fresh.line())
+    classes = getattr(dataset, "classes", ())
+    samples = None
+    if cfg.TRAIN.SCALE_UP_LIMIT > 0:  # boxes too small for the stride: a larger input (frcnn.data.small_boxes)
+        if saved is not None:
+            cfg = replace(cfg, TEST=replace(cfg.TEST, SCALES=saved.TEST.SCALES, MAX_SIZE=saved.TEST.MAX_SIZE))
+            train = replace(train, SCALES=saved.TRAIN.SCALES, MAX_SIZE=saved.TRAIN.MAX_SIZE,
+                            SCALE_UP_LIMIT=saved.TRAIN.SCALE_UP_LIMIT)
+        else:
+            from frcnn.data.small_boxes import scale_up, scale_up_line
+
+            samples = [dataset[i] for i in range(len(dataset))]
+            grown, done = scale_up(replace(cfg, TRAIN=train), samples, classes)
+            if done is not None:
+                cfg, train = grown, grown.TRAIN
+                lines.append(scale_up_line(grown, done))
+                resolved["input"] = done
     scales = cfg.ANCHOR_SCALES
     if scales == AUTO:
         if saved is not None:
@@ -250,12 +269,14 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
             lines.append(f"anchors: ANCHOR_SCALES=auto -> [{', '.join(f'{s:g}' for s in scales)}], the run's "
                          "(chosen when it started)")
         else:
-            from frcnn.data.anchor_fit import auto_anchor_fit, describe_auto, small_boxes_hint
+            from frcnn.data.anchor_fit import auto_anchor_fit, describe_auto
+            from frcnn.data.small_boxes import small_boxes_hint
 
-            fit = auto_anchor_fit([dataset[i] for i in range(len(dataset))], cfg)
+            samples = samples if samples is not None else [dataset[i] for i in range(len(dataset))]
+            fit = auto_anchor_fit(samples, replace(cfg, TRAIN=train))
             scales = fit.scales
             lines.append(f"anchors: {describe_auto(fit)}")
-            if hint := small_boxes_hint(fit, getattr(dataset, "classes", ())):  # no anchor fits boxes this small
+            if hint := small_boxes_hint(fit, classes):  # no anchor fits boxes this small
                 lines.append(hint.strip())
         resolved["ANCHOR_SCALES"] = AUTO
     elif saved is not None and before.get("ANCHOR_SCALES") == AUTO and tuple(scales) == tuple(saved.ANCHOR_SCALES):
