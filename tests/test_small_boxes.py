@@ -91,8 +91,8 @@ def test_a_group_of_fewer_than_ten_small_boxes_keeps_quiet():
 
 
 def test_scale_up_takes_the_input_the_warning_names():
-    cfg = load_config("scratch-cpu")
-    assert cfg.TRAIN.SCALE_UP_LIMIT == 4
+    assert load_config("scratch-cpu").TRAIN.SCALE_UP_LIMIT == 2
+    cfg = with_sets(load_config("scratch-cpu"), "TRAIN.SCALE_UP_LIMIT=4")
     grown, done = scale_up(cfg, tiny_objects(30))
     # the warning's input (hand values above), for training and test, and the limit spent
     assert (grown.TRAIN.SCALES, grown.TRAIN.MAX_SIZE, grown.TEST.SCALES, grown.TEST.MAX_SIZE) == ((544,), 896, (544,),
@@ -131,7 +131,7 @@ def test_scale_up_stops_at_its_limit_and_says_what_it_left():
 
 
 def test_scale_up_grows_every_scale_by_one_factor():
-    cfg = with_sets(load_config("scratch-cpu"), "TRAIN.SCALES=[288,320]", "TEST.SCALES=[320]")
+    cfg = with_sets(load_config("scratch-cpu"), "TRAIN.SCALES=[288,320]", "TEST.SCALES=[320]", "TRAIN.SCALE_UP_LIMIT=4")
     grown, done = scale_up(cfg, tiny_objects(30))
     # by hand, at SCALES[0] = 288: 30 px -> 8.64; 288 x 16 / 8.64 = 533.3 -> 544 (under 288 x 2 = 576: not capped);
     # x 544 / 288: 320 -> 604.4 -> 608, max 512 -> 967.1 -> 992
@@ -141,7 +141,7 @@ def test_scale_up_grows_every_scale_by_one_factor():
 
 
 def test_frcnn_train_resolves_the_input_before_the_anchors_once():
-    cfg = load_config("scratch-cpu")
+    cfg = with_sets(load_config("scratch-cpu"), "TRAIN.SCALE_UP_LIMIT=4")
     resolved, lines, meta = resolve_run_config(cfg, tiny_objects(30))
     assert (resolved.TRAIN.SCALES, resolved.TEST.SCALES, resolved.TRAIN.SCALE_UP_LIMIT) == ((544,), (544,), 0)
     at = next(i for i, line in enumerate(lines) if line.startswith("input: TRAIN.SCALE_UP_LIMIT=4 -> "))
@@ -171,18 +171,20 @@ def test_check_data_and_train_take_the_same_larger_input(tmp_path, capsys):
     (root / "ImageSets" / "Main" / "trainval.txt").write_text("0\n1\n2\n3\n")
     assert main(["check-data", "--data", str(root), "--split", "trainval", "--no-progress"]) == 0
     (line,) = [x for x in capsys.readouterr().out.splitlines() if x.startswith("input: ")]
-    # by hand: 320 x 16 / 9.6 = 533.3 -> 544; 512 x 544 / 320 = 870.4 -> 896
-    assert line.startswith("input: TRAIN.SCALE_UP_LIMIT=4 -> TRAIN.SCALES=[544] MAX_SIZE=896, TEST.SCALES=[544] "
-                           "MAX_SIZE=896, about 2.9x the time an iteration: 20 (100.0%) of the boxes are under 16 px")
+    # by hand: 320 x 16 / 9.6 = 533.3 -> 544 asked; scratch-cpu's limit 2: 320 x sqrt(2) = 452.5 -> 448;
+    # 512 x 448 / 320 = 716.8 -> 736
+    assert line.startswith("input: TRAIN.SCALE_UP_LIMIT=2 -> TRAIN.SCALES=[448] MAX_SIZE=736, TEST.SCALES=[448] "
+                           "MAX_SIZE=736, about 2.0x the time an iteration: 20 (100.0%) of the boxes are under 16 px")
+    assert "544 would bring 3 in 4 to 16 px" in line
     assert main(["check-data", "--data", str(root), "--split", "trainval", "--no-progress", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["scale_up"]["to"], report["anchor_fit"]["scale"], report["small_boxes"]) == (544, 544, None)
+    assert (report["scale_up"]["to"], report["anchor_fit"]["scale"], report["small_boxes"]["scale"]) == (448, 448, 544)
     out = tmp_path / "run"
     assert main(["train", "--data", str(root), "--split", "trainval", "--out", str(out), "--no-progress", "--set",
                  "TRAIN.MAX_EPOCHS=0.5", "--set", "TRAIN.STEP_EPOCHS=[0.25]", "--set", "TRAIN.WARMUP_ITERS=0",
                  "--set", "DEVICE=cpu"]) == 0
     assert line in capsys.readouterr().out.splitlines()
     cfg = read_config(out / "config.yaml")
-    assert (cfg.TRAIN.SCALES, cfg.TRAIN.MAX_SIZE, cfg.TEST.SCALES, cfg.TEST.MAX_SIZE) == ((544,), 896, (544,), 896)
+    assert (cfg.TRAIN.SCALES, cfg.TRAIN.MAX_SIZE, cfg.TEST.SCALES, cfg.TEST.MAX_SIZE) == ((448,), 736, (448,), 736)
     assert cfg.TRAIN.SCALE_UP_LIMIT == 0
     assert json.loads((out / "meta.json").read_text())["resolved"]["input"]["from"] == 320

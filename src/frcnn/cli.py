@@ -333,6 +333,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from frcnn.data import parse_classes
     from frcnn.data.anchor_fit import anchor_fit, format_fit, suggest_scales, write_histograms
     from frcnn.data.check import check_data, fit_samples, format_counts, format_problems
+    from frcnn.data.dense import room_for_objects, room_line
     from frcnn.data.small_boxes import scale_up, scale_up_line, small_boxes, small_boxes_hint
 
     cfg = _training_config(args, say=not args.json)
@@ -340,6 +341,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     report = check_data(args.data, args.split, classes, args.images, progress=not (args.no_progress or args.json))
     samples = fit_samples(report)
     cfg, grown = scale_up(cfg, samples, report.classes)  # the input frcnn train will take (TRAIN.SCALE_UP_LIMIT)
+    cfg, room = room_for_objects(cfg, samples)  # and its test-time counts (TEST.PROPOSALS_PER_OBJECT)
     # fits[0] is what ANCHOR_SCALES=auto chooses (anchor_fit.auto_anchor_fit, frcnn train's code path); the
     # suggestion is for C4 anchors: with NECK=fpn only the fit of the pyramid's anchors is reported
     fits = suggest_scales(samples, cfg) if cfg.NECK == "none" else []
@@ -351,11 +353,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         print(json.dumps({**report.to_json(), "anchor_fit": current.to_json(report.classes),
                           "suggested_anchor_scales": list(fits[0].scales) if fits else None,
                           "suggested_fit": fits[0].to_json(report.classes) if fits else None,
-                          "small_boxes": small_boxes(current, report.classes), "scale_up": grown}))
+                          "small_boxes": small_boxes(current, report.classes), "scale_up": grown,
+                          "test_counts": room}))
     else:
         hint = small_boxes_hint(current, report.classes)
         print("\n".join(format_counts(report) + format_problems(report)
-                        + ([scale_up_line(cfg, grown)] if grown else [])
+                        + ([scale_up_line(cfg, grown)] if grown else []) + ([room_line(room)] if room else [])
                         + format_fit(fits, current, report.classes, auto=auto) + ([hint] if hint else [])))
         if args.plot:
             print(f"histograms: {args.plot}")

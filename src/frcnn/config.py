@@ -122,6 +122,10 @@ class TestConfig:
     RPN_POST_NMS_TOP_N: int = 300
     SCORE_THRESH: float = 0.0
     MAX_PER_IMAGE: int = 100
+    # 0 = off; else frcnn train raises RPN_POST_NMS_TOP_N to at least this many times the boxes of a busy training
+    # image (9 in 10 have as many or fewer), MAX_PER_IMAGE to half that, RPN_PRE_NMS_TOP_N to twice it, into the run's
+    # config.yaml (frcnn.data.dense)
+    PROPOSALS_PER_OBJECT: float = 0.0
     AMP: str = "none"  # none | fp16 | bf16: autocast around the model at inference
 
 
@@ -214,6 +218,9 @@ class Config:
         for key in ("RPN_SIGMA", "RCNN_SIGMA"):
             if getattr(self.TRAIN, key) <= 0:
                 raise ConfigError(f"TRAIN.{key}={getattr(self.TRAIN, key)} must be positive")
+        if self.TEST.PROPOSALS_PER_OBJECT < 0:
+            raise ConfigError(f"TEST.PROPOSALS_PER_OBJECT={self.TEST.PROPOSALS_PER_OBJECT} must be at least 0 "
+                              "(0 = off)")
         if self.TEST.MAX_PER_IMAGE < 1:
             raise ConfigError(f"TEST.MAX_PER_IMAGE={self.TEST.MAX_PER_IMAGE} must be at least 1")
         if len(self.PIXEL_MEANS) != 3 or len(self.PIXEL_STDS) != 3:
@@ -353,10 +360,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "PIXEL_STDS": [58.395, 57.12, 57.375],
         "TRAIN": {"SCALES": [320], "MAX_SIZE": 512, "LEARNING_RATE": 0.02, "WEIGHT_DECAY": 0.0005,
                   "WARMUP_ITERS": 100, "MAX_EPOCHS": 17, "STEP_EPOCHS": [13], "IMS_PER_BATCH": 4,
-                  "SNAPSHOT_ITERS": 500, "AMP": "auto", "SCALE_UP_LIMIT": 4.0,
+                  "SNAPSHOT_ITERS": 500, "AMP": "auto", "SCALE_UP_LIMIT": 2.0,
                   "BATCH_SIZE": 64, "RPN_BATCHSIZE": 128, "RPN_PRE_NMS_TOP_N": 2000,
                   "RPN_POST_NMS_TOP_N": 300, "DISPLAY": 50, "BG_THRESH_LO": 0.0, "RPN_ALLOWED_BORDER": -1},
-        "TEST": {"SCALES": [320], "MAX_SIZE": 512, "RPN_PRE_NMS_TOP_N": 1000, "RPN_POST_NMS_TOP_N": 100},
+        "TEST": {"SCALES": [320], "MAX_SIZE": 512, "RPN_PRE_NMS_TOP_N": 1000, "RPN_POST_NMS_TOP_N": 100,
+                 "PROPOSALS_PER_OBJECT": 4.0},
     },
 }
 

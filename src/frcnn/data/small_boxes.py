@@ -4,16 +4,18 @@ No anchor set fits a box under twice the (finest) stride: anchors sit a stride a
 16 px box by up to 4 px in x and y at stride 8 (IoU 0.39). A larger input does. :func:`small_boxes` finds the group
 (all the boxes, or one class's) of which at least a quarter is that small at ``TRAIN.SCALES[0]``, and the input that
 brings its first quartile to two strides; check-data and ``frcnn train`` print it as a warning
-(:func:`small_boxes_hint`). With ``TRAIN.SCALE_UP_LIMIT`` above 0 (scratch-cpu: 4) ``frcnn train`` takes that input
+(:func:`small_boxes_hint`). With ``TRAIN.SCALE_UP_LIMIT`` above 0 (scratch-cpu: 2) ``frcnn train`` takes that input
 itself (:func:`scale_up`), at most that many times the time of an iteration (about ``(new / old)^2``): training's
 and test's ``SCALES`` and ``MAX_SIZE`` grow by one factor, the run's config.yaml holds them (so eval, detect and
 export use them) with ``SCALE_UP_LIMIT: 0`` (resolving again changes nothing), and ``ANCHOR_SCALES: auto`` chooses
 at the new scale.
 
-Measured (``benchmarks/results/scratch_cpu.md``, scratch-cpu, 2 seeds each, VOC07 mAP on the test split): BCCD's
-pictures tiled 2 x 2 (``benchmarks/make_bccd_tiled.py``; its platelets 13 px at 320) 0.7599 at 320, 0.8033 at the
-448 asked for; tiled 3 x 3 (platelets 9 px) see the results file. On BCCD, the demo's data and BCCD's white-cell
-crops no group is that small: nothing changes.
+Measured (``benchmarks/results/scratch_cpu.md``, scratch-cpu with its test-time counts from the data,
+:mod:`frcnn.data.dense`; VOC07 mAP on the test split, 2 seeds): BCCD's pictures tiled 3 x 3
+(``benchmarks/make_bccd_tiled.py --grid 3 --repeats 3``; platelets 9 px at 320) 0.668 at 320, 0.823 at 448 (the
+limit 2), 0.727 at the 640 asked for (one seed): a larger input pays until the tiny network's view of the larger
+objects suffers, hence the limit. Tiled 2 x 2 (platelets 13 px) 0.812 at 320, 0.817 at the 448 asked for. On
+BCCD, the demo's data and BCCD's white-cell crops no group is that small: nothing changes.
 """
 
 from __future__ import annotations

@@ -19,9 +19,11 @@ Resolved before iteration 1 (:func:`resolve_run_config`, process 0 computes, eve
 ``TRAIN.MAX_EPOCHS > 0`` sets ``MAX_ITERS = ceil(MAX_EPOCHS x images an epoch / global batch)`` and ``STEPSIZE``
 from ``STEP_EPOCHS`` (rounded; empty: no step), an epoch being every image and, with ``USE_FLIPPED``, its mirrored
 copy (:mod:`frcnn.engine.batches`), the global batch ``processes x IMS_PER_BATCH``; ``TRAIN.SCALE_UP_LIMIT > 0``
-grows the input where the boxes are too small for the stride (:func:`frcnn.data.small_boxes.scale_up`: training's and
-test's ``SCALES`` and ``MAX_SIZE``); ``ANCHOR_SCALES: auto`` becomes the list
-:func:`frcnn.data.anchor_fit.auto_anchor_fit` chooses from the training set at that input (check-data's suggestion);
+grows the input where the boxes are too small for the stride (:func:`frcnn.data.small_boxes.scale_up`: training's
+and test's ``SCALES`` and ``MAX_SIZE``); ``TEST.PROPOSALS_PER_OBJECT > 0`` makes room at test for the busiest
+training image's objects (:func:`frcnn.data.dense.room_for_objects`: proposals and detections an image);
+``ANCHOR_SCALES: auto`` becomes the list :func:`frcnn.data.anchor_fit.auto_anchor_fit` chooses from the training
+set at that input (check-data's suggestion);
 ``TRAIN.AMP: auto`` the mixed precision this device computes natively (:func:`frcnn.engine.precision.resolve_amp`,
 resolved by every process, and again on ``--resume``, also from the run's own ``config.yaml``: a run moved to
 another machine says so if it changes).
@@ -214,18 +216,20 @@ def _saved_resolved(snapshot: Path) -> dict:
 def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int = 1,
                        snapshot: Path | None = None) -> tuple[Config, list[str], dict]:
     """``cfg`` with ``TRAIN.MAX_EPOCHS`` (``> 0``) turned into ``MAX_ITERS``/``STEPSIZE``, the input grown by
-    ``TRAIN.SCALE_UP_LIMIT`` (``> 0``) and ``ANCHOR_SCALES: auto`` turned into a list, for ``dataset`` trained by
+    ``TRAIN.SCALE_UP_LIMIT`` (``> 0``), the test-time counts raised by ``TEST.PROPOSALS_PER_OBJECT`` (``> 0``) and
+    ``ANCHOR_SCALES: auto`` turned into a list, for ``dataset`` trained by
     ``world_size`` processes; returns ``(config, lines to print, what was resolved from)``, the last for
     ``meta.json``. Resolving a resolved config again gives the same config.
 
-    Resuming (``snapshot``): the run's values are kept: its input sizes, its ``ANCHOR_SCALES`` for ``auto``, its
-    ``MAX_ITERS`` and ``STEPSIZE`` unless ``MAX_EPOCHS`` or ``STEP_EPOCHS`` differ from the run's (then resolved
-    again); one line says when the training set (or the number of processes) would now give other iterations."""
+    Resuming (``snapshot``): the run's values are kept: its input sizes and test counts, its ``ANCHOR_SCALES`` for
+    ``auto``, its ``MAX_ITERS`` and ``STEPSIZE`` unless ``MAX_EPOCHS`` or ``STEP_EPOCHS`` differ from the run's (then
+    resolved again); one line says when the training set (or the number of processes) would now give other
+    iterations."""
     lines: list[str] = []
     resolved: dict = {}
     before = _saved_resolved(snapshot) if snapshot is not None else {}
     wanted = (cfg.TRAIN.MAX_EPOCHS > 0 or cfg.ANCHOR_SCALES == AUTO or cfg.TRAIN.SCALE_UP_LIMIT > 0
-              or AUTO in (before.get("ANCHOR_SCALES"), before.get("AMP")))
+              or cfg.TEST.PROPOSALS_PER_OBJECT > 0 or AUTO in (before.get("ANCHOR_SCALES"), before.get("AMP")))
     saved = read_config(snapshot / CONFIG) if snapshot is not None and wanted else None
     train = cfg.TRAIN
     if train.MAX_EPOCHS > 0:
@@ -262,6 +266,18 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
                 cfg, train = grown, grown.TRAIN
                 lines.append(scale_up_line(grown, done))
                 resolved["input"] = done
+    if cfg.TEST.PROPOSALS_PER_OBJECT > 0:  # busy images: room for their objects at test (frcnn.data.dense)
+        if saved is not None:
+            cfg = replace(cfg, TEST=replace(cfg.TEST, **{key: getattr(saved.TEST, key) for key in (
+                "RPN_PRE_NMS_TOP_N", "RPN_POST_NMS_TOP_N", "MAX_PER_IMAGE", "PROPOSALS_PER_OBJECT")}))
+        else:
+            from frcnn.data.dense import room_for_objects, room_line
+
+            samples = samples if samples is not None else [dataset[i] for i in range(len(dataset))]
+            cfg, done = room_for_objects(cfg, samples)
+            if done is not None:
+                lines.append(room_line(done))
+                resolved["test_counts"] = done
     scales = cfg.ANCHOR_SCALES
     if scales == AUTO:
         if saved is not None:
