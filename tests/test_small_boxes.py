@@ -64,7 +64,7 @@ def test_boxes_under_two_strides_get_a_larger_input_suggested():
     assert small_boxes_hint(anchor_fit(tiny_objects(60), cfg)) is None  # 19.2 px: no warning
     # frcnn train with ANCHOR_SCALES: auto and no SCALE_UP_LIMIT says it too, right after the anchors it chose
     lines = resolve_run_config(cfg, tiny_objects(30))[1]
-    at = next(i for i, line in enumerate(lines) if line.startswith("anchors: ANCHOR_SCALES=auto -> [0.5, 1, 2]"))
+    at = next(i for i, line in enumerate(lines) if line.startswith("anchors: ANCHOR_SCALES=auto -> ["))
     assert lines[at + 1] == expected.strip()
 
 

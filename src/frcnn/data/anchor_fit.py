@@ -19,8 +19,8 @@ C4 anchors only (``NECK=none``; the config refuses ``ANCHOR_SCALES=auto`` with `
 Choosing ``ANCHOR_SCALES`` (check-data's suggestion and ``ANCHOR_SCALES: auto`` in ``frcnn train``, one code
 path: :func:`auto_anchor_fit`) is two separate parts:
 
-- the candidates, :func:`candidate_scales`: three scales an octave apart ``(b, 2b, 4b)``, ``b`` in
-  ``CANDIDATE_BASES``, three like the reference's (8, 16, 32);
+- the candidates, :func:`candidate_scales`: three scales an octave apart ``(b, 2b, 4b)``, three like the
+  reference's (8, 16, 32), ``b`` half an octave apart from 0.5 to 16 (``CANDIDATE_EXPONENTS``);
 - the criterion, :func:`fit_criterion`: a sort key of an :class:`AnchorFit`, smallest best. Today: fewest boxes
   without an anchor at ``>= 0.7``, then at ``>= 0.3``, then the highest median best IoU; between equals, the set
   whose middle anchor is nearest the median box size. Replace that one function to choose otherwise; everything
@@ -305,12 +305,19 @@ def level_base_anchors(scales: Sequence[float], ratios: Sequence[float], stride:
 
 # ------------------------------------------------------------------------ choosing the scales: candidates, criterion
 
-CANDIDATE_BASES = (0.5, 1, 2, 4, 8, 16)  # three scales (b, 2b, 4b): anchors of 8 .. 1024 pixels
+# three scales (b, 2b, 4b), b = 2^(k/2) half an octave apart from 0.5 to 16: anchors of 8 .. 1024 pixels. An octave
+# apart only (0.5, 1, 2, ...), sizes between two candidates fit neither: BCCD tiled 2 x 2 at 448 px, its red cells
+# (48 px) between the 32 and 64 px anchors of [2, 4, 8] (84% of all boxes without an anchor at IoU 0.7), trained
+# 0.8170 (2 seeds) against 0.8416 with [1.414, 2.828, 5.657] (24%); on BCCD, the white-cell crops and the 3 x 3
+# tiles both grids choose the same (benchmarks/results/scratch_cpu.md). On the demo's shapes (32..128 px) auto now
+# picks [2.828, 5.657, 11.314] instead of [2, 4, 8], not measured: demo-cpu fixes its own five half-octave scales
+CANDIDATE_EXPONENTS = tuple(k / 2 for k in range(-2, 9))
 
 
 def candidate_scales(cfg: Config) -> list[tuple[float, ...]]:
-    """The scale sets auto (and check-data's suggestion) chooses among: ``(b, 2b, 4b)`` for each base ``b``."""
-    return [(b, 2 * b, 4 * b) for b in CANDIDATE_BASES]
+    """The scale sets auto (and check-data's suggestion) chooses among: ``(b, 2b, 4b)`` for each base ``b =
+    2^e``, ``e`` in ``CANDIDATE_EXPONENTS`` (rounded to 3 decimals: 1.414, 2.828, 5.657)."""
+    return [tuple(round(2 ** (e + j), 3) for j in range(3)) for e in CANDIDATE_EXPONENTS]
 
 
 def fit_criterion(fit: AnchorFit) -> tuple:
