@@ -20,8 +20,8 @@ Resolved before iteration 1 (:func:`resolve_run_config`, process 0 computes, eve
 from ``STEP_EPOCHS`` (rounded; empty: no step), an epoch being every image and, with ``USE_FLIPPED``, its mirrored
 copy (:mod:`frcnn.engine.batches`), the global batch ``processes x IMS_PER_BATCH``; ``TRAIN.SCALE_UP_LIMIT > 0``
 grows the input where the boxes are too small for the stride (:func:`frcnn.data.small_boxes.scale_up`: training's
-and test's ``SCALES`` and ``MAX_SIZE``); ``TEST.PROPOSALS_PER_OBJECT > 0`` makes room at test for the busiest
-training image's objects (:func:`frcnn.data.dense.room_for_objects`: proposals and detections an image);
+and test's ``SCALES`` and ``MAX_SIZE``); ``TEST.PROPOSALS_PER_OBJECT > 0`` makes room at test for the objects of
+busy training images (:func:`frcnn.data.dense.room_for_objects`: proposals and detections an image);
 ``ANCHOR_SCALES: auto`` becomes the list :func:`frcnn.data.anchor_fit.auto_anchor_fit` chooses from the training
 set at that input (check-data's suggestion);
 ``TRAIN.AMP: auto`` the mixed precision this device computes natively (:func:`frcnn.engine.precision.resolve_amp`,
@@ -217,9 +217,9 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
                        snapshot: Path | None = None) -> tuple[Config, list[str], dict]:
     """``cfg`` with ``TRAIN.MAX_EPOCHS`` (``> 0``) turned into ``MAX_ITERS``/``STEPSIZE``, the input grown by
     ``TRAIN.SCALE_UP_LIMIT`` (``> 0``), the test-time counts raised by ``TEST.PROPOSALS_PER_OBJECT`` (``> 0``) and
-    ``ANCHOR_SCALES: auto`` turned into a list, for ``dataset`` trained by
-    ``world_size`` processes; returns ``(config, lines to print, what was resolved from)``, the last for
-    ``meta.json``. Resolving a resolved config again gives the same config.
+    ``ANCHOR_SCALES: auto`` turned into a list, for ``dataset`` trained by ``world_size`` processes; returns
+    ``(config, lines to print, what was resolved from)``, the last for ``meta.json``. Resolving a resolved config
+    again gives the same config.
 
     Resuming (``snapshot``): the run's values are kept: its input sizes and test counts, its ``ANCHOR_SCALES`` for
     ``auto``, its ``MAX_ITERS`` and ``STEPSIZE`` unless ``MAX_EPOCHS`` or ``STEP_EPOCHS`` differ from the run's (then
