@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from frcnn.config import load_config, merge, parse_override
+from frcnn.config import ConfigError, load_config, merge, parse_override
 from frcnn.data.anchor_fit import anchor_fit, suggest_scales
 from frcnn.data.sample import Sample
 from frcnn.data.small_boxes import scale_up, scale_up_line, small_boxes, small_boxes_hint
@@ -109,6 +109,8 @@ def test_scale_up_takes_the_input_the_warning_names():
     assert scale_up(cfg, tiny_objects(60)) == (cfg, None)  # 19.2 px: nothing to grow
     off = with_sets(cfg, "TRAIN.SCALE_UP_LIMIT=0")
     assert scale_up(off, tiny_objects(30)) == (off, None)
+    with pytest.raises(ConfigError, match=r"^TRAIN.SCALE_UP_LIMIT=-1.0 must be at least 0 \(0 = off\)$"):
+        with_sets(cfg, "TRAIN.SCALE_UP_LIMIT=-1")
     assert "TRAIN.SCALES=[544] MAX_SIZE=896, TEST.SCALES=[544] MAX_SIZE=896, about 2.9x" in scale_up_line(grown, done)
 
 

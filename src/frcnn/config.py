@@ -350,7 +350,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (TRAIN.RCNN_SIGMA 3) 0.8972 over seeds 0-3 against 0.9014 (Intel), an average of the weights (TRAIN.EMA_DECAY
     # 0.998) 0.9034, a cosine LR 0.8958, 20 epochs 0.8928; 14 epochs of 1 image and 128 RoIs, about 3x the time, mean
     # 0.8850 over 2 seeds; random crops with colour jitter lost 1.8 points and GroupNorm 1.4 (one seed each, 1 image a
-    # batch).
+    # batch). Where boxes are too small for the stride the input grows, at most 2x an iteration's time
+    # (TRAIN.SCALE_UP_LIMIT; BCCD tiled 3 x 3: 0.823 at 448 against 0.668 at 320, 0.729 at 640), and busy images get
+    # test-time proposals for 4 boxes of a busy training image (TEST.PROPOSALS_PER_OBJECT; the same tiles at 448:
+    # 0.823 against 0.629 with 100); on BCCD neither fires.
     "scratch-cpu": {
         "BACKBONE": "tiny",
         "FEAT_STRIDE": 8,

@@ -14,7 +14,8 @@ Measured (``benchmarks/results/scratch_cpu.md``, scratch-cpu with its test-time 
 :mod:`frcnn.data.dense`; VOC07 mAP on the test split, 2 seeds): BCCD's pictures tiled 3 x 3
 (``benchmarks/make_bccd_tiled.py --grid 3 --repeats 3``; platelets 9 px at 320) 0.668 at 320, 0.823 at 448 (the
 limit 2), 0.729 at the 640 asked for: a larger input pays until the tiny network's view of the larger
-objects suffers, hence the limit. Tiled 2 x 2 (platelets 13 px) 0.812 at 320, 0.817 at the 448 asked for. On
+objects suffers, hence the limit. Tiled 2 x 2 (platelets 13 px) 0.812 at 320, 0.817 at the 448 asked for with
+anchors an octave apart, 0.842 with the half-octave ones auto picks there. On
 BCCD, the demo's data and BCCD's white-cell crops no group is that small: nothing changes.
 """
 

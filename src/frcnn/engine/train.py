@@ -49,6 +49,7 @@ checkpoints are stored contiguous.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -251,7 +252,11 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
             resolved["schedule"] = fresh.to_json()
             lines.append(fresh.line())
     classes = getattr(dataset, "classes", ())
-    samples = None
+
+    @functools.cache
+    def samples() -> list:  # the training set's samples, read once for the three choices below
+        return [dataset[i] for i in range(len(dataset))]
+
     if cfg.TRAIN.SCALE_UP_LIMIT > 0:  # boxes too small for the stride: a larger input (frcnn.data.small_boxes)
         if saved is not None:
             cfg = replace(cfg, TEST=replace(cfg.TEST, SCALES=saved.TEST.SCALES, MAX_SIZE=saved.TEST.MAX_SIZE))
@@ -260,8 +265,7 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
         else:
             from frcnn.data.small_boxes import scale_up, scale_up_line
 
-            samples = [dataset[i] for i in range(len(dataset))]
-            grown, done = scale_up(replace(cfg, TRAIN=train), samples, classes)
+            grown, done = scale_up(replace(cfg, TRAIN=train), samples(), classes)
             if done is not None:
                 cfg, train = grown, grown.TRAIN
                 lines.append(scale_up_line(grown, done))
@@ -273,8 +277,7 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
         else:
             from frcnn.data.dense import room_for_objects, room_line
 
-            samples = samples if samples is not None else [dataset[i] for i in range(len(dataset))]
-            cfg, done = room_for_objects(cfg, samples)
+            cfg, done = room_for_objects(cfg, samples())
             if done is not None:
                 lines.append(room_line(done))
                 resolved["test_counts"] = done
@@ -288,8 +291,7 @@ def resolve_run_config(cfg: Config, dataset: DetectionDataset, world_size: int =
             from frcnn.data.anchor_fit import auto_anchor_fit, describe_auto
             from frcnn.data.small_boxes import small_boxes_hint
 
-            samples = samples if samples is not None else [dataset[i] for i in range(len(dataset))]
-            fit = auto_anchor_fit(samples, replace(cfg, TRAIN=train))
+            fit = auto_anchor_fit(samples(), replace(cfg, TRAIN=train))
             scales = fit.scales
             lines.append(f"anchors: {describe_auto(fit)}")
             if hint := small_boxes_hint(fit, classes):  # no anchor fits boxes this small
