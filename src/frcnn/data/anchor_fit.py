@@ -443,7 +443,8 @@ def _taking_part(border: float) -> str:
     return f"anchors inside the image{f' or crossing its border by <= {border:g} px' if border else ' only'}"
 
 
-def _pct(n: int, total: int) -> str:
+def count_share(n: int, total: int) -> str:
+    """``"12 (3.4%)"``: a count and its share of ``total`` (``"0"`` when there is nothing to count)."""
     return f"{n} ({100 * n / total:.1f}%)" if total else "0"
 
 
@@ -464,8 +465,8 @@ def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str]
     lines.append(f"  ANCHOR_SCALES {configured}[{_nums(current.scales)}]{per_level} x ANCHOR_RATIOS "
                  f"[{_nums(current.ratios)}]: anchors of {_nums(current.anchor_sizes())} px")
     lines.append(f"  best IoU with an anchor: median {float(current.best_iou.median()):.3f}; "
-                 f"no anchor >= {current.positive:g}: {_pct(current.below(current.positive), n)}; "
-                 f"none >= {current.negative:g}: {_pct(current.below(current.negative), n)}; "
+                 f"no anchor >= {current.positive:g}: {count_share(current.below(current.positive), n)}; "
+                 f"none >= {current.negative:g}: {count_share(current.below(current.negative), n)}; "
                  f"{_positives_text(current)}")
     rows = [["class", "boxes", "median size px", "median best IoU", f"< {current.positive:g}",
              f"< {current.negative:g}", "positives a box"]]
@@ -498,7 +499,7 @@ def format_fit(fits: list[AnchorFit], current: AnchorFit, classes: Sequence[str]
     else:
         scales = ",".join(f"{s:g}" for s in best.scales)
         lines.append(f"  suggested: --set ANCHOR_SCALES=[{scales}] (anchors of {_nums(best.scales, 16)} px): "
-                     f"no anchor >= {best.positive:g}: {_pct(best.below(best.positive), n)}; "
-                     f"none >= {best.negative:g}: {_pct(best.below(best.negative), n)}; median best IoU "
+                     f"no anchor >= {best.positive:g}: {count_share(best.below(best.positive), n)}; "
+                     f"none >= {best.negative:g}: {count_share(best.below(best.negative), n)}; median best IoU "
                      f"{float(best.best_iou.median()):.3f}; {_positives_text(best)}")
     return lines

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from frcnn.config import Config
-from frcnn.data.anchor_fit import AnchorFit, _pct, anchor_fit
+from frcnn.data.anchor_fit import AnchorFit, anchor_fit, count_share
 from frcnn.data.sample import Sample
 
 __all__ = ["SMALL_MIN", "SMALL_SHARE", "scale_up", "scale_up_line", "small_boxes", "small_boxes_hint"]
@@ -78,8 +78,8 @@ def small_boxes_hint(fit: AnchorFit, classes: Sequence[str] = ()) -> str | None:
     if (small := small_boxes(fit, classes)) is None:
         return None
     limit, stride, scale, max_size = small["under_px"], small["stride"], small["scale"], small["max_size"]
-    which = _group(small)
-    return (f"  warning: {_pct(small['boxes'], small['out_of'])} of the {which}boxes are under {limit} px (2 x the "
+    which, share = _group(small), count_share(small["boxes"], small["out_of"])
+    return (f"  warning: {share} of the {which}boxes are under {limit} px (2 x the "
             f"stride {stride}) at scale {fit.target_size}: few anchors on a {stride}-px grid reach IoU "
             f"{fit.positive:g} with them; a larger input brings 3 in 4 {which}boxes to {limit} px or more, at "
             f"about {small['cost']:.1f}x the time an iteration: --set TRAIN.SCALES=[{scale}] "
@@ -119,6 +119,6 @@ def scale_up_line(cfg: Config, done: dict) -> str:
               "TRAIN.SCALE_UP_LIMIT for it") if done["capped"] else ""
     return (f"input: TRAIN.SCALE_UP_LIMIT={done['limit']:g} -> TRAIN.SCALES={list(cfg.TRAIN.SCALES)} "
             f"MAX_SIZE={cfg.TRAIN.MAX_SIZE}, TEST.SCALES={list(cfg.TEST.SCALES)} MAX_SIZE={cfg.TEST.MAX_SIZE}, "
-            f"about {done['cost']:.1f}x the time an iteration: {_pct(done['boxes'], done['out_of'])} of the "
+            f"about {done['cost']:.1f}x the time an iteration: {count_share(done['boxes'], done['out_of'])} of the "
             f"{which}boxes are under {done['under_px']} px (2 x the stride {done['stride']}) at scale "
             f"{done['from']}{capped} (TRAIN.SCALE_UP_LIMIT=0: keep the input)")
