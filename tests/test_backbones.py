@@ -10,7 +10,7 @@ from torchvision.models import resnet50
 from torchvision.ops import FrozenBatchNorm2d
 
 from frcnn.config import load_config
-from frcnn.errors import CheckpointError
+from frcnn.errors import CheckpointError, ConfigError
 from frcnn.model.backbones import build_backbone
 from frcnn.model.pretrained import load_state_dict_file
 
@@ -236,3 +236,41 @@ def test_tiny_pretrained_head_loading(tmp_path):
 def test_tiny_head_has_the_configured_stride(stride):
     bb = build_backbone(_cfg("tiny", f"FEAT_STRIDE={stride}"))
     assert bb.head(torch.zeros(1, 3, 64, 96)).shape == (1, 128, 64 // stride, 96 // stride)
+
+
+@pytest.mark.parametrize(("stride", "dilations"), [(8, [1, 1, 1, 1, 1, 1, 2]), (4, [1, 1, 1, 1, 2, 2, 4])])
+def test_tiny_dilated_convs_dilate_after_each_left_out_stride(stride, dilations):
+    convs = [m for m in build_backbone(_cfg("tiny", f"FEAT_STRIDE={stride}", "DILATED=true")).head.modules()
+             if isinstance(m, nn.Conv2d)]
+    assert [c.dilation[0] for c in convs] == dilations
+    assert [c.padding[0] for c in convs] == dilations  # 3x3: padding = dilation keeps the size
+
+
+@pytest.mark.parametrize("stride", [8, 4])
+@torch.no_grad()
+def test_tiny_dilated_computes_the_stride_16_features_densely(stride):
+    """DeepLab's known answer: the stride-16 network's weights in the dilated stride-8 (4) one give the same
+    features, sampled every 8 (4) px instead of 16: the stride-16 map is the dilated map at every 2nd (4th)
+    position, from the first."""
+    torch.manual_seed(0)
+    coarse = build_backbone(_cfg("tiny", "FEAT_STRIDE=16")).head.eval()
+    for m in coarse.modules():  # BatchNorm statistics other than 0 / 1, so they take part
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2), m.weight.uniform_(0.5, 1.5)
+    dense = build_backbone(_cfg("tiny", f"FEAT_STRIDE={stride}", "DILATED=true")).head.eval()
+    dense.load_state_dict(coarse.state_dict())
+    image = torch.randn(1, 3, 96, 128)
+    step = 16 // stride
+    expected = coarse(image)
+    got = dense(image)
+    assert got.shape[-2:] == (96 // stride, 128 // stride)
+    torch.testing.assert_close(got[..., ::step, ::step], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got[..., 1::step, 1::step], expected, atol=1e-2)  # the positions between are new
+
+
+@pytest.mark.parametrize("overrides", [["BACKBONE=tiny", "FEAT_STRIDE=16"], ["BACKBONE=res50"]])
+def test_dilated_outside_a_tiny_backbone_below_stride_16_is_one_line(overrides):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [*overrides, "DILATED=true"])
+    assert str(info.value).startswith("DILATED=true is for BACKBONE=tiny at FEAT_STRIDE 8 or 4")
+    assert "\n" not in str(info.value)

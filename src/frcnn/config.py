@@ -152,6 +152,9 @@ class Config:
     ANCHOR_SCALES: tuple[float, ...] | str = (8, 16, 32)
     ANCHOR_RATIOS: tuple[float, ...] = (0.5, 1, 2)
     NORM: str = "batch"  # normalisation of a backbone trained from scratch (tiny): batch | group (GroupNorm)
+    # tiny: the stages past FEAT_STRIDE keep its resolution and dilate their convs as DeepLab does (each left-out
+    # stride 2 doubles the dilation after it): FEAT_STRIDE 16's features and receptive field, every 8 (or 4) px
+    DILATED: bool = False
     RPN_CHANNELS: int = 512
     POOLING_MODE: str = "crop"  # crop | align | pool
     POOLING_SIZE: int = 7
@@ -183,6 +186,9 @@ class Config:
         _check_choice("NORM", self.NORM, ("batch", "group"))
         if self.NORM == "group" and self.BACKBONE != "tiny":
             raise ConfigError(f"NORM=group is for BACKBONE=tiny (BACKBONE={self.BACKBONE} uses BatchNorm)")
+        if self.DILATED and (self.BACKBONE != "tiny" or self.FEAT_STRIDE >= 16):
+            raise ConfigError(f"DILATED=true is for BACKBONE=tiny at FEAT_STRIDE 8 or 4 (got {self.BACKBONE}, "
+                              f"{self.FEAT_STRIDE}): only its stages past the stride can dilate")
         if isinstance(self.ANCHOR_SCALES, str) and self.ANCHOR_SCALES != AUTO:
             raise ConfigError(f"ANCHOR_SCALES={self.ANCHOR_SCALES!r} is neither a list of numbers nor auto")
         if not isinstance(self.ANCHOR_SCALES, str) and (not self.ANCHOR_SCALES or min(self.ANCHOR_SCALES) <= 0):

@@ -5,8 +5,11 @@ reference does, then a spatial mean, as tail (2048-d). ``vgg16``: conv1_1..conv5
 fc6/fc7 as tail (4096-d). ``tiny``: a small conv net for CPU training from scratch (four stages of 3x3
 conv+BN+ReLU, one conv in the first and two in the others, 32-64-128-128 channels, the first conv of each
 stage at stride 2 until ``FEAT_STRIDE`` is reached: 16, 8 or 4; tail: two fully connected layers of 512),
-used by the ``demo-cpu`` preset. The big backbones give stride 16 only for C4 (32, C5, with FPN), and the
-config refuses another ``FEAT_STRIDE`` for them.
+used by the ``demo-cpu`` preset. With ``DILATED`` its stages past ``FEAT_STRIDE`` dilate instead (DeepLab's
+atrous trick: each stride 2 left out doubles the dilation of the convs after it), so at stride 8 it computes the
+stride-16 network's features every 8 px, with its receptive field (87 px instead of 71) at the same cost.
+The big backbones give stride 16 only for C4 (32, C5, with FPN), and the config refuses another ``FEAT_STRIDE``
+for them.
 
 With ``NECK=fpn`` (:mod:`frcnn.model.fpn`) the head returns the maps of the backbone's stages through the
 pyramid instead of one map: ResNet's layer1..layer4 (C2..C5, layer4 at its usual stride 2), the tiny backbone's
@@ -116,11 +119,11 @@ def _vgg16(cfg: Config, load: bool) -> Backbone:
     return Backbone(head, tail, 512, 4096)
 
 
-def _conv_bn(cin: int, cout: int, stride: int, norm: str = "batch") -> list[nn.Module]:
+def _conv_bn(cin: int, cout: int, stride: int, norm: str = "batch", dilation: int = 1) -> list[nn.Module]:
     """3x3 conv + normalisation + ReLU. ``group``: GroupNorm of 16 channels a group (2 groups at 32
     channels), the same per-image statistics in training and inference, whatever the batch."""
     layer = nn.BatchNorm2d(cout) if norm == "batch" else nn.GroupNorm(cout // 16, cout)
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), layer, nn.ReLU(inplace=True)]
+    return [nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False), layer, nn.ReLU(inplace=True)]
 
 
 def _mlp_tail(in_features: int, width: int) -> nn.Sequential:
@@ -135,10 +138,13 @@ def _tiny(cfg: Config, load: bool) -> Backbone:
     layers: list[nn.Module] = []
     ends, strides = [], []  # each stage's last module and its stride
     cin = 3
+    dilation = 1  # DILATED: each stride-2 conv past FEAT_STRIDE left out doubles the dilation of the convs after it
     for i, width in enumerate(widths):
-        layers += _conv_bn(cin, width, 2 if i < downsampling else 1, cfg.NORM)
+        layers += _conv_bn(cin, width, 2 if i < downsampling else 1, cfg.NORM, dilation)
+        if cfg.DILATED and i >= downsampling:
+            dilation *= 2
         if i:  # one conv in the first stage: a second, at half resolution, is about a sixth of the head's work
-            layers += _conv_bn(width, width, 1, cfg.NORM)
+            layers += _conv_bn(width, width, 1, cfg.NORM, dilation)
         cin = width
         ends.append(len(layers) - 1)
         strides.append(2 ** min(i + 1, downsampling))
