@@ -79,8 +79,8 @@ def _deterministic(model: FasterRCNN, seed: int = 0, cls_std: float = 3.0, box_s
     return model
 
 
-def _demo_model(mode: str = "align") -> tuple[FasterRCNN, object]:
-    cfg = load_config("demo-cpu", ["DEVICE=cpu", f"POOLING_MODE={mode}", "TEST.RPN_POST_NMS_TOP_N=60"])
+def _demo_model(mode: str = "align", *sets: str) -> tuple[FasterRCNN, object]:
+    cfg = load_config("demo-cpu", ["DEVICE=cpu", f"POOLING_MODE={mode}", "TEST.RPN_POST_NMS_TOP_N=60", *sets])
     torch.manual_seed(0)
     return _deterministic(FasterRCNN(cfg, len(CLASSES), load_pretrained=False)), cfg
 
@@ -185,6 +185,15 @@ def test_every_pooling_mode_exports_with_parity(mode, tmp_path):
     path = export_model(model, cfg, CLASSES, tmp_path / "m.onnx")
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert ("GridSample" if mode == "crop" else "MaxRoiPool") in ops
+    _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), OnnxPredictor(path))
+
+
+def test_a_dilated_backbone_exports_with_parity(tmp_path):
+    model, cfg = _demo_model("align", "DILATED=true")
+    path = export_model(model, cfg, CLASSES, tmp_path / "m.onnx")
+    dilations = [a.ints for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"
+                 for a in n.attribute if a.name == "dilations"]
+    assert [2, 2] in dilations  # the last conv's, written into the graph
     _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), OnnxPredictor(path))
 
 
