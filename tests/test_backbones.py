@@ -274,3 +274,14 @@ def test_dilated_outside_a_tiny_backbone_below_stride_16_is_one_line(overrides):
         load_config(None, [*overrides, "DILATED=true"])
     assert str(info.value).startswith("DILATED=true is for BACKBONE=tiny at FEAT_STRIDE 8 or 4")
     assert "\n" not in str(info.value)
+
+
+def test_a_run_saved_before_dilated_existed_rebuilds_undilated():
+    """scratch-cpu dilates now; a run's config.yaml written before (no DILATED key) must rebuild the network it
+    trained: the weights have the same shapes either way, so nothing else would catch it."""
+    from frcnn.config import config_from_dict, config_to_dict
+
+    saved = config_to_dict(load_config("scratch-cpu"))
+    assert saved.pop("DILATED") is True
+    convs = [m for m in build_backbone(config_from_dict(saved)).head.modules() if isinstance(m, nn.Conv2d)]
+    assert {c.dilation for c in convs} == {(1, 1)}
