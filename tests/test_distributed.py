@@ -181,8 +181,9 @@ def test_two_processes_train_the_weights_of_one_process_with_twice_the_images(vo
     Contiguous layout: oneDNN's channels-last kernels round a batch of 2 and two batches of 1 differently, and
     over 6 iterations the proposal layer's discrete choices turn ~2e-7 (after one iteration) into ~3e-3. The anchors
     are pinned to the 9 it was measured with: with demo-cpu's 15 the two runs differed by 5e-3 after 6 iterations
-    (not yet traced to the step where they part)."""
-    same = ("TRAIN.MAX_ITERS=6", "MEMORY_FORMAT=contiguous")
+    (not yet traced to the step where they part). 4 iterations, not 6: on an AVX2 machine (AMD EPYC, 2026-12-05)
+    even the contiguous runs parted by 6.4e-4 after 6 (at 84c8f74 too), within 2e-5 after 3 and after 4."""
+    same = ("TRAIN.MAX_ITERS=4", "MEMORY_FORMAT=contiguous")
     _train(voc, tmp_path / "one", 1, "TRAIN.IMS_PER_BATCH=2", *same)
     _train(voc, tmp_path / "two", 2, "TRAIN.IMS_PER_BATCH=1", *same)
     _train(voc, tmp_path / "half", 1, "TRAIN.IMS_PER_BATCH=1", *same)
@@ -192,7 +193,7 @@ def test_two_processes_train_the_weights_of_one_process_with_twice_the_images(vo
     assert _max_diff(one, half) > 100 * max(diff, 1e-6)  # the comparison has power: half the batch differs
     # process 0 alone wrote: one line per logged iteration, losses averaged over the processes
     logs = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("one", "two")]
-    assert [r["iteration"] for r in logs[1]] == [r["iteration"] for r in logs[0]] == [2, 4, 6]
+    assert [r["iteration"] for r in logs[1]] == [r["iteration"] for r in logs[0]] == [2, 4]
     for a, b in zip(*logs):
         for k in ("rpn_cls", "rpn_box", "rcnn_cls", "rcnn_box"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6)
