@@ -285,3 +285,17 @@ def test_a_run_saved_before_dilated_existed_rebuilds_undilated():
     assert saved.pop("DILATED") is True
     convs = [m for m in build_backbone(config_from_dict(saved)).head.modules() if isinstance(m, nn.Conv2d)]
     assert {c.dilation for c in convs} == {(1, 1)}
+
+
+@pytest.mark.parametrize(("dilated", "field"), [(False, 71), (True, 87)])
+def test_tiny_receptive_field_at_stride_8(dilated, field):
+    """By hand: 3x3 convs at jumps 1, 2, 4, 4, 8, 8, 8 grow the field 3, 7, 15, 23, 39, 55, 71; dilating the last
+    (2 x its jump of 8) makes the last step 32 instead of 16: 87, the stride-16 network's (its last conv at jump 16)."""
+    head = build_backbone(_cfg("tiny", "FEAT_STRIDE=8", f"DILATED={dilated}")).head.eval()
+    for m in head.modules():  # positive weights and input: no ReLU cuts the gradient, so it reaches the whole field
+        if isinstance(m, nn.Conv2d):
+            nn.init.constant_(m.weight, 0.01)
+    image = torch.ones(1, 3, 160, 160, requires_grad=True)
+    head(image)[0, :, 10, 10].sum().backward()
+    reached = (image.grad[0].abs().sum((0, 1)) > 0).nonzero().flatten()
+    assert int(reached[-1] - reached[0] + 1) == field
