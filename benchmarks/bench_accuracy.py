@@ -38,7 +38,8 @@ torchvision: ``torchvision.models.detection.FasterRCNN`` assembled from the same
              off (demo-cpu: 46x22 for 46x24, 182x90 for 184x96) centred on the cell corner instead of 8 px in
              (frcnn's centre (7.5, 7.5) inclusive); all three sets are printed and written.
 * RPN head   torchvision's ``RPNHead`` (3x3 conv + ReLU, 1x1 objectness, 1x1 deltas; normal(0.01) init) when
-             RPN_CHANNELS equals the head's channels (demo-cpu: 128 = 128), else the same with RPN_CHANNELS.
+             RPN_CHANNELS equals the head's channels (demo-cpu: 128 = 128) and RPN_DILATION is 1, else the same
+             with RPN_CHANNELS and RPN_DILATION.
 * RoI pool   ``MultiScaleRoIAlign(['0'], POOLING_SIZE, sampling_ratio=0)`` (scale 1 / FEAT_STRIDE inferred).
 * box head   frcnn's own tail (``build_backbone(cfg).tail``; tiny: Flatten, Linear(C*7*7, 512), ReLU,
              Linear(512, 512), ReLU), then ``FastRCNNPredictor(512, K + 1)`` (torchvision's init).
@@ -234,11 +235,13 @@ class FrcnnAnchors(TVAnchorGenerator):
 
 
 class ChannelsRPNHead(nn.Module):
-    """torchvision's RPNHead (lists in and out, normal(0.01) init) with a ``channels``-wide 3x3 conv."""
+    """torchvision's RPNHead (lists in and out, normal(0.01) init) with a ``channels``-wide 3x3 conv of
+    ``dilation`` (frcnn's RPN_CHANNELS and RPN_DILATION)."""
 
-    def __init__(self, in_channels: int, channels: int, num_anchors: int):
+    def __init__(self, in_channels: int, channels: int, num_anchors: int, dilation: int = 1):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(inplace=True))
+        self.conv = nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=dilation, dilation=dilation),
+                                  nn.ReLU(inplace=True))
         self.cls_logits = nn.Conv2d(channels, num_anchors, 1)
         self.bbox_pred = nn.Conv2d(channels, 4 * num_anchors, 1)
         for layer in self.modules():
@@ -263,10 +266,10 @@ def build_torchvision(cfg: Config, num_classes: int) -> TVFasterRCNN:
     head.out_channels = backbone.head_channels
     anchors = FrcnnAnchors(cfg.ANCHOR_SCALES, cfg.ANCHOR_RATIOS, cfg.FEAT_STRIDE)
     a = anchors.num_anchors_per_location()[0]
-    if cfg.RPN_CHANNELS == backbone.head_channels:
+    if cfg.RPN_CHANNELS == backbone.head_channels and cfg.RPN_DILATION == 1:
         rpn_head: nn.Module = RPNHead(backbone.head_channels, a)
     else:
-        rpn_head = ChannelsRPNHead(backbone.head_channels, cfg.RPN_CHANNELS, a)
+        rpn_head = ChannelsRPNHead(backbone.head_channels, cfg.RPN_CHANNELS, a, cfg.RPN_DILATION)
     train, test = cfg.TRAIN, cfg.TEST
     return TVFasterRCNN(
         head,

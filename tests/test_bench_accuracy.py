@@ -67,6 +67,17 @@ def test_same_initial_head_and_tail(cfg):
     assert tv.roi_heads.fg_bg_sampler.batch_size_per_image == 32 and tv.rpn.fg_bg_sampler.batch_size_per_image == 128
 
 
+@pytest.mark.parametrize(("overrides", "dilation", "channels"), [((), 1, 128), (("RPN_DILATION=2",), 2, 128),
+                                                                  (("RPN_CHANNELS=64", "RPN_DILATION=2"), 2, 64)])
+def test_torchvision_rpn_conv_has_frcnns_width_and_dilation(overrides, dilation, channels):
+    cfg = load_config("demo-cpu", ["DEVICE=cpu", *overrides])
+    conv = bench.build_torchvision(cfg, 3).rpn.head.conv[0]
+    conv = conv[0] if isinstance(conv, torch.nn.Sequential) else conv  # RPNHead nests a Conv2dNormActivation
+    ours = FasterRCNN(cfg, 3).rpn.rpn_net
+    assert (conv.out_channels, conv.dilation, conv.padding) == (channels, (dilation,) * 2, (dilation,) * 2)
+    assert (ours.out_channels, ours.dilation, ours.padding) == (conv.out_channels, conv.dilation, conv.padding)
+
+
 def test_box_conversion_round_trip():
     g = torch.Generator().manual_seed(0)
     xy = torch.randint(0, 300, (50, 2), generator=g).float()

@@ -13,6 +13,7 @@ from explain_fixtures import BOXES, CLASSES, GREY, LABELS, RED, checkpoint, conf
 
 from frcnn.boxes import scale_boxes
 from frcnn.cli import main
+from frcnn.config import load_config
 from frcnn.engine.inference import Predictor
 from frcnn.explain import explain_image
 from frcnn.explain.run import GroundTruth, run_traced
@@ -281,3 +282,13 @@ def test_ground_truth_is_read_as_training_reads_it(tmp_path):
     write_voc_xml(xml, "known.png", w, h, [("circle", [50, 31, 41, 70])])
     with pytest.raises(DataError, match="box 1 .* is inverted"):
         read_ground_truth(xml, image_path, picture(), CLASSES)
+
+
+def test_rpn_stage_names_the_dilation_of_its_conv():
+    cfg = load_config("demo-cpu", ["DEVICE=cpu", "RPN_DILATION=2"])
+    torch.manual_seed(0)
+    net2 = FasterRCNN(cfg, num_classes=len(CLASSES), load_pretrained=False).eval()
+    run = run_traced(net2, cfg, CLASSES, picture(), GroundTruth(BOXES.clone(), LABELS.clone()))
+    text = {s.key: s for s in build_stages(run, threshold=0.2)}["03_rpn"].text
+    assert text.startswith("The region proposal network runs a 3x3 convolution of dilation 2 (its taps 2 cells "
+                           "apart) (rpn_net)")

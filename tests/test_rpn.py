@@ -210,3 +210,52 @@ def test_proposals_of_the_top_k_path_equal_a_transcription_that_decodes_every_an
     order = fg[0].sort(descending=True, stable=True)[1][:2000]
     keep = torchvision.ops.nms(to_exclusive(boxes[order]), fg[0, order], 0.7)[:300]
     assert torch.equal(rois[:, 1:], boxes[order][keep]) and torch.equal(scores, fg[0, order][keep])
+
+
+@torch.no_grad()
+def _rpn_scores(overrides: list[str], state: dict | None = None):
+    """The RPN's logits (N, H, W, A, 2) of a tiny detector (BatchNorm in eval, so no batch statistics) on a fixed
+    image; ``state``: the head's and the RPN's weights to load first."""
+    from frcnn.config import load_config
+    from frcnn.model.detector import FasterRCNN
+
+    torch.manual_seed(0)
+    model = FasterRCNN(load_config(None, ["BACKBONE=tiny", "RPN_CHANNELS=32", *overrides]), 3).eval()
+    if state is not None:
+        model.head.load_state_dict(state["head"])
+        model.rpn.load_state_dict(state["rpn"])
+    image = torch.randn(1, 3, 96, 128, generator=torch.Generator().manual_seed(1))
+    features = model.head(image)
+    logits, _ = model.rpn(features)
+    return logits.view(1, *features.shape[-2:], -1, 2), {"head": model.head.state_dict(),
+                                                           "rpn": model.rpn.state_dict()}
+
+
+def test_rpn_dilation_2_on_the_dilated_stride_8_map_is_the_stride_16_rpn_every_8_px():
+    """The atrous conversion carried through the RPN: the stride-16 network's weights in the DILATED stride-8 one
+    with RPN_DILATION 2 give the stride-16 RPN's scores at every 2nd cell, from the first (its 3x3 conv reads the
+    cells 16 px apart there, 2 cells apart here); with the plain 3x3 conv they do not."""
+    coarse, state = _rpn_scores(["FEAT_STRIDE=16"])
+    dense, _ = _rpn_scores(["FEAT_STRIDE=8", "DILATED=true", "RPN_DILATION=2"], state)
+    plain, _ = _rpn_scores(["FEAT_STRIDE=8", "DILATED=true"], state)
+    assert coarse.shape[1:3] == (6, 8) and dense.shape[1:3] == (12, 16)
+    torch.testing.assert_close(dense[:, ::2, ::2], coarse, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain[:, ::2, ::2], coarse, atol=1e-3)
+
+
+def test_rpn_dilation_sets_the_conv_and_keeps_the_map_size():
+    rpn = RPN(8, 16, 9, dilation=3)
+    assert rpn.rpn_net.dilation == (3, 3) and rpn.rpn_net.padding == (3, 3)
+    logits, _ = rpn(torch.randn(1, 8, 7, 5))
+    assert logits.shape == (1, 7 * 5 * 9, 2)
+
+
+def test_rpn_dilation_below_1_is_one_line_and_old_runs_rebuild_the_plain_conv():
+    from frcnn.config import ConfigError, config_from_dict, config_to_dict, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["RPN_DILATION=0"])
+    assert str(info.value) == "RPN_DILATION=0 must be 1 or more (1: the plain 3x3 conv)"
+    saved = config_to_dict(load_config("scratch-cpu"))
+    saved.pop("RPN_DILATION")  # a run's config.yaml from before the key
+    assert config_from_dict(saved).RPN_DILATION == 1

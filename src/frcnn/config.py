@@ -156,6 +156,9 @@ class Config:
     # stride 2 doubles the dilation after it): FEAT_STRIDE 16's features and receptive field, every 8 (or 4) px
     DILATED: bool = False
     RPN_CHANNELS: int = 512
+    # the dilation of the RPN's 3x3 conv: 2 reads the neighbours 2 cells away, with DILATED at stride 8 what the
+    # stride-16 network's RPN reads every 8 px (receptive field +32 px instead of +16)
+    RPN_DILATION: int = 1
     POOLING_MODE: str = "crop"  # crop | align | pool
     POOLING_SIZE: int = 7
     # pre-processing (RGB)
@@ -189,6 +192,8 @@ class Config:
         if self.DILATED and (self.BACKBONE != "tiny" or self.FEAT_STRIDE >= 16):
             raise ConfigError(f"DILATED=true is for BACKBONE=tiny at FEAT_STRIDE 8 or 4 (got {self.BACKBONE}, "
                               f"{self.FEAT_STRIDE}): only its stages past the stride can dilate")
+        if self.RPN_DILATION < 1:
+            raise ConfigError(f"RPN_DILATION={self.RPN_DILATION} must be 1 or more (1: the plain 3x3 conv)")
         if isinstance(self.ANCHOR_SCALES, str) and self.ANCHOR_SCALES != AUTO:
             raise ConfigError(f"ANCHOR_SCALES={self.ANCHOR_SCALES!r} is neither a list of numbers nor auto")
         if not isinstance(self.ANCHOR_SCALES, str) and (not self.ANCHOR_SCALES or min(self.ANCHOR_SCALES) <= 0):

@@ -84,7 +84,7 @@ class FasterRCNN(nn.Module):
         self.strides = list(pyramid_strides(cfg))  # C4: [FEAT_STRIDE]; FPN: P2.. and the RPN's extra level
         self.anchor_generators = nn.ModuleList(
             anchor_generators(cfg.ANCHOR_SCALES, cfg.ANCHOR_RATIOS, self.strides, pyramid=cfg.NECK == "fpn"))
-        self.rpn = RPN(backbone.head_channels, cfg.RPN_CHANNELS, self.anchor_generator.num_anchors)
+        self.rpn = RPN(backbone.head_channels, cfg.RPN_CHANNELS, self.anchor_generator.num_anchors, cfg.RPN_DILATION)
         self.classifier = ClassificationNetwork(backbone.tail, backbone.tail_channels, num_classes + 1)
         if backbone.detector_heads is not None:  # PRETRAINED was a whole torchvision Faster R-CNN (R50-FPN)
             load_detector_heads(self, backbone.detector_heads, cfg.PRETRAINED)

@@ -26,10 +26,10 @@ from frcnn.model.trace import Trace
 
 
 class RPN(nn.Module):
-    def __init__(self, in_channels: int, channels: int, num_anchors: int):
+    def __init__(self, in_channels: int, channels: int, num_anchors: int, dilation: int = 1):
         super().__init__()
         self.num_anchors = num_anchors
-        self.rpn_net = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.rpn_net = nn.Conv2d(in_channels, channels, 3, padding=dilation, dilation=dilation)
         self.rpn_cls_score_net = nn.Conv2d(channels, 2 * num_anchors, 1)
         self.rpn_bbox_pred_net = nn.Conv2d(channels, 4 * num_anchors, 1)
         for layer in (self.rpn_net, self.rpn_cls_score_net, self.rpn_bbox_pred_net):

@@ -52,8 +52,10 @@ def rpn_stage(run: ExplainRun) -> Stage:
         "time_ms_head": _ms(run, "head"),
         "time_ms_rpn": _ms(run, "rpn"),
     }
-    text = ("The region proposal network runs a 3x3 convolution (rpn_net) and ReLU over the head's feature "
-            "map, then two 1x1 convolutions: rpn_cls_score_net gives each anchor a background and a foreground "
+    d = cfg.RPN_DILATION
+    dilated = f" of dilation {d} (its taps {d} cells apart)" if d > 1 else ""
+    text = (f"The region proposal network runs a 3x3 convolution{dilated} (rpn_net) and ReLU over the head's "
+            "feature map, then two 1x1 convolutions: rpn_cls_score_net gives each anchor a background and a foreground "
             "score (softmax: the objectness shown here) and rpn_bbox_pred_net gives its four regression "
             "coefficients. Bright cells are where the RPN believes an object is; the small maps split the "
             "score by anchor shape.")
