@@ -188,12 +188,12 @@ def test_every_pooling_mode_exports_with_parity(mode, tmp_path):
     _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), OnnxPredictor(path))
 
 
-def test_a_dilated_backbone_exports_with_parity(tmp_path):
-    model, cfg = _demo_model("align", "DILATED=true")
+def test_a_dilated_backbone_and_rpn_export_with_parity(tmp_path):
+    model, cfg = _demo_model("align", "DILATED=true", "RPN_DILATION=3")
     path = export_model(model, cfg, CLASSES, tmp_path / "m.onnx")
     dilations = [a.ints for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"
                  for a in n.attribute if a.name == "dilations"]
-    assert [2, 2] in dilations  # the last conv's, written into the graph
+    assert [2, 2] in dilations and [3, 3] in dilations  # the last conv's and the RPN's, written into the graph
     _parity(Predictor(prepare_for_inference(model), cfg, CLASSES), OnnxPredictor(path))
 
 
