@@ -1,4 +1,4 @@
-"""NMS: frcnn.model.nms (blocked, PyTorch ops) vs torchvision's CPU kernel, side by side in one run.
+"""NMS: frcnn.ops.nms (blocked, PyTorch ops) vs torchvision's CPU kernel, side by side in one run.
 
     .venv/bin/python benchmarks/bench_nms.py [--repeats 7] [--sizes 1000,6000,12000]
 
@@ -22,8 +22,8 @@ import torch
 import torchvision
 
 from frcnn.boxes import bbox_transform_inv, clip_boxes, to_exclusive
-from frcnn.model import nms as nms_mod
 from frcnn.model.anchors import generate_anchors, shift_anchors
+from frcnn.ops import nms as nms_mod
 
 
 def rpn_like(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nms import rpn_like  # noqa: E402
 
-from frcnn.model.nms import nms  # noqa: E402
+from frcnn.ops.nms import nms  # noqa: E402
 
 # (boxes, first kept, IoU): demo-cpu at test, R50 at test, training
 CASES = ((1000, 100, 0.7), (6000, 300, 0.7), (12000, 2000, 0.7))

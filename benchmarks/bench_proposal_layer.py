@@ -25,8 +25,8 @@ import torch
 from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive
 from frcnn.engine.benchmark import alternated, machine_info
 from frcnn.model.anchors import generate_anchors, shift_anchors
-from frcnn.model.nms import nms
 from frcnn.model.rpn import proposal_layer, stable_top_k
+from frcnn.ops.nms import nms
 
 SETTINGS = (  # name, map h, w, stride, anchor scales, pre, post
     ("demo-cpu 320x512 test", 40, 64, 8, (2, 4, 8), 1000, 100),

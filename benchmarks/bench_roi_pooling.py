@@ -1,4 +1,4 @@
-"""RoI pooling on the CPU: torchvision's kernels (and the grid_sample crop) against frcnn.model.roi_ops.
+"""RoI pooling on the CPU: torchvision's kernels (and the grid_sample crop) against frcnn.ops.roi_ops.
 
     .venv/bin/python benchmarks/bench_roi_pooling.py [--repeats 5] [--out benchmarks/results/roi_pooling.md]
 
@@ -23,8 +23,8 @@ import torch
 import torchvision
 import torchvision.ops as tvo
 
-from frcnn.model import roi_ops
 from frcnn.model.pooling import crop_pool_grid_sample
+from frcnn.ops import roi_ops
 
 SETTINGS = {"R50-C4": dict(c=1024, h=38, w=63, stride=16, rois=300, image=(600, 1000)),
             "demo-cpu": dict(c=128, h=40, w=40, stride=8, rois=100, image=(320, 320)),
@@ -70,7 +70,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     lines = [
-        "# RoI pooling: torchvision's CPU kernels vs frcnn.model.roi_ops",
+        "# RoI pooling: torchvision's CPU kernels vs frcnn.ops.roi_ops",
         "",
         f"Command: `{' '.join(['.venv/bin/python', *sys.argv])}`  ",
         f"CPU: {cpu}, {os.cpu_count()} cores, capability {torch.backends.cpu.get_cpu_capability()}; "

@@ -1,4 +1,4 @@
-"""Soft-NMS (frcnn.model.soft_nms) against greedy per-class NMS, and its two ways of computing the decay, side by side.
+"""Soft-NMS (frcnn.ops.soft_nms) against greedy per-class NMS, and its two ways of computing the decay, side by side.
 
     .venv/bin/python benchmarks/bench_soft_nms.py [--repeats 20] [--threads 1]
 
@@ -19,8 +19,8 @@ import time
 import torch
 
 from frcnn.boxes import to_exclusive
-from frcnn.model import soft_nms as soft_mod
-from frcnn.model.nms import batched_nms
+from frcnn.ops import soft_nms as soft_mod
+from frcnn.ops.nms import batched_nms
 
 SIZES = ((100, 4), (300, 20))
 

@@ -154,7 +154,7 @@ NOTES = """Differences between the two models found while matching them (none ch
   padded_size // feature_size == 16 (1 gives stride 15 at 600x1000). Both were fed the same 608x1008 tensor.
 
 Where frcnn is faster now (2026-12-01): "frcnn" is the model as trained, with frcnn's own exact NMS
-(frcnn.model.nms: blocked greedy, stopping at RPN_POST_NMS_TOP_N) and RoIAlign on the CPU (frcnn.model.roi_ops:
+(frcnn.ops.nms: blocked greedy, stopping at RPN_POST_NMS_TOP_N) and RoIAlign on the CPU (frcnn.ops.roi_ops:
 separable bilinear gathers, forward and backward); "frcnn fast" adds the inference path of frcnn.engine.fast
 (BatchNorm folded into the convolutions, channels-last on AVX-512 CPUs, align pooling's first tail convolutions
 on the map before pooling), the default of frcnn eval/detect. Since 2026-12-02 the fast path and frcnn train also

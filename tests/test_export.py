@@ -242,7 +242,7 @@ def test_a_soft_nms_checkpoint_exports_greedy_nms_and_says_so(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_r50_c4_small_input_parity(tmp_path):
-    """Crop pooling (the preset's), 80 RoIs of 1024 channels: the PyTorch path pools by frcnn.model.roi_ops'
+    """Crop pooling (the preset's), 80 RoIs of 1024 channels: the PyTorch path pools by frcnn.ops.roi_ops'
     gathers there (above pooling.MIN_ROI_CHANNELS), the graph by GridSample."""
     cfg = load_config("voc-r50-c4", ["DEVICE=cpu", "TEST.SCALES=[160]", "TEST.MAX_SIZE=256",
                                      "TEST.RPN_PRE_NMS_TOP_N=600", "TEST.RPN_POST_NMS_TOP_N=80"])

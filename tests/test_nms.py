@@ -1,4 +1,4 @@
-"""frcnn.model.nms against torchvision's ops called directly: identical kept indices, in the same order.
+"""frcnn.ops.nms against torchvision's ops called directly: identical kept indices, in the same order.
 
 The blocked path is forced on small inputs (``MIN_BOXES = 0``, tiny ``BLOCK``, ``CHUNK``, ``TILE``, grid and
 ``MAX_ROWS``, no torchvision tail) so that every branch (several blocks, tiles and chunks, boxes that search
@@ -15,8 +15,8 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from frcnn.model import nms as nms_mod
 from frcnn.model.anchors import generate_anchors, shift_anchors
+from frcnn.ops import nms as nms_mod
 
 THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 1.0]
 MORE_THRESHOLDS = THRESHOLDS + [0.1, 0.9, 1 / 3, 0.6, 1e-9, 0.999999, 1.5]

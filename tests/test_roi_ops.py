@@ -1,4 +1,4 @@
-"""frcnn.model.roi_ops against torchvision's roi_align / roi_pool and the grid_sample crop: forward and backward."""
+"""frcnn.ops.roi_ops against torchvision's roi_align / roi_pool and the grid_sample crop: forward and backward."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torchvision.ops as tvo
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from frcnn.model import roi_ops
 from frcnn.model.pooling import crop_pool_grid_sample, pool_rois
+from frcnn.ops import roi_ops
 
 STRIDE = 16
 

@@ -1,4 +1,4 @@
-"""Gaussian soft-NMS (frcnn.model.soft_nms) against hand-computed scores and against an independent transcription of
+"""Gaussian soft-NMS (frcnn.ops.soft_nms) against hand-computed scores and against an independent transcription of
 Algorithm 1 of Bodla et al. (ICCV 2017), and the detector's TEST.NMS_METHOD switch."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from torchvision.ops import box_iou
 from frcnn.boxes import to_exclusive
 from frcnn.config import load_config
 from frcnn.errors import ConfigError
-from frcnn.model import soft_nms as soft_nms_module
 from frcnn.model.detector import FasterRCNN
-from frcnn.model.soft_nms import soft_nms
 from frcnn.model.trace import Trace
+from frcnn.ops import soft_nms as soft_nms_module
+from frcnn.ops.soft_nms import soft_nms
 from frcnn.transforms import batch_images
 
 

@@ -113,7 +113,7 @@ class TestConfig:
     SCALES: tuple[int, ...] = (600,)
     MAX_SIZE: int = 1000
     NMS: float = 0.3
-    # hard: greedy per-class NMS at NMS (the reference's); soft: Gaussian soft-NMS (frcnn.model.soft_nms), a box
+    # hard: greedy per-class NMS at NMS (the reference's); soft: Gaussian soft-NMS (frcnn.ops.soft_nms), a box
     # overlapping a better one of its class keeps its score times exp(-IoU^2 / SOFT_NMS_SIGMA) instead of going
     NMS_METHOD: str = "hard"
     SOFT_NMS_SIGMA: float = 0.5

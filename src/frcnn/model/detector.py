@@ -30,7 +30,7 @@ same losses): only the backward pass differs. The RPN's own losses train it the 
 inference (and in eval mode) the proposals are constants in both modes.
 
 Inference: class-specific boxes are decoded, clipped, filtered by ``TEST.SCORE_THRESH``, reduced by
-per-class NMS (``TEST.NMS_METHOD``: greedy at ``TEST.NMS``, or Gaussian soft-NMS, :mod:`frcnn.model.soft_nms`) and
+per-class NMS (``TEST.NMS_METHOD``: greedy at ``TEST.NMS``, or Gaussian soft-NMS, :mod:`frcnn.ops.soft_nms`) and
 capped at ``TEST.MAX_PER_IMAGE`` per image.
 Every box here is in network-input pixels; :mod:`frcnn.engine.inference` maps them back to the image.
 """
@@ -50,14 +50,14 @@ from frcnn.model.anchor_target import Generators, anchor_target_layer
 from frcnn.model.anchors import AnchorGenerator, anchor_generators
 from frcnn.model.backbones import build_backbone
 from frcnn.model.losses import fast_rcnn_loss, rpn_loss
-from frcnn.model.nms import batched_nms
 from frcnn.model.pooling import pool_pyramid
 from frcnn.model.pretrained import load_detector_heads
 from frcnn.model.proposal_target import proposal_target_layer
 from frcnn.model.roi_heads import ClassificationNetwork
 from frcnn.model.rpn import RPN, proposal_layer
-from frcnn.model.soft_nms import soft_nms
 from frcnn.model.trace import Trace, maybe_timed
+from frcnn.ops.nms import batched_nms
+from frcnn.ops.soft_nms import soft_nms
 
 
 @dataclass

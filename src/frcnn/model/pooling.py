@@ -13,7 +13,7 @@ Only ``crop`` by ``grid_sample`` is differentiable w.r.t. the RoI coordinates (t
 sampling grid): RoIs that carry a gradient (``TRAIN.JOINT=exact``) always take that path. ``align``,
 ``pool`` and the gathers below treat RoIs as constants.
 
-On the CPU, ``crop`` and ``align`` run ``frcnn.model.roi_ops`` instead: the same sampling written as a
+On the CPU, ``crop`` and ``align`` run ``frcnn.ops.roi_ops`` instead: the same sampling written as a
 separable bilinear weighting and done as parallel gathers of channels-last pixels (the formulation is in
 that module's docstring); outputs and gradients w.r.t. the features match within 1e-5
 (``tests/test_roi_ops.py``), 2-4x faster than torchvision's single-threaded CPU kernels and today's
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align, roi_pool
 
-from frcnn.model import roi_ops
+from frcnn.ops import roi_ops
 
 # Without a backward pass, below this many RoI-channels the fixed cost of building the gathers (a few ms) loses to
 # torchvision and grid_sample (measured: 8-32 RoIs of 32-128 channels); R50-C4's 300 x 1024 and 128 x 1024 are far

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from frcnn.boxes import bbox_transform_inv, clip_boxes, nms_threshold, to_exclusive, upcast
-from frcnn.model.nms import batched_nms, nms
 from frcnn.model.trace import Trace
+from frcnn.ops.nms import batched_nms, nms
 
 
 class RPN(nn.Module):

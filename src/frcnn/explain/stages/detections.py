@@ -1,5 +1,5 @@
 """Stages 8 and 9: per-class NMS and the final detections (the inference end of :mod:`frcnn.model.detector`,
-NMS from :mod:`frcnn.model.nms` or :mod:`frcnn.model.soft_nms`), matched against the ground truth as VOC does."""
+NMS from :mod:`frcnn.ops.nms` or :mod:`frcnn.ops.soft_nms`), matched against the ground truth as VOC does."""
 
 from __future__ import annotations
 
