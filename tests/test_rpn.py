@@ -259,3 +259,23 @@ def test_rpn_dilation_below_1_is_one_line_and_old_runs_rebuild_the_plain_conv():
     saved = config_to_dict(load_config("scratch-cpu"))
     saved.pop("RPN_DILATION")  # a run's config.yaml from before the key
     assert config_from_dict(saved).RPN_DILATION == 1
+
+
+@pytest.mark.parametrize(("rpn_dilation", "field"), [(1, 103), (2, 119)])
+def test_rpn_receptive_field_on_the_dilated_stride_8_map(rpn_dilation, field):
+    """By hand: the dilated tiny backbone's 87 px, plus the RPN's 3x3 conv at a jump of 8 px: 2 x 8 = 16 more, or
+    2 x 16 = 32 with its taps 2 cells apart."""
+    from frcnn.config import load_config
+    from frcnn.model.detector import FasterRCNN
+
+    model = FasterRCNN(load_config(None, ["BACKBONE=tiny", "FEAT_STRIDE=8", "DILATED=true", "RPN_CHANNELS=8",
+                                          f"RPN_DILATION={rpn_dilation}"]), 3).eval()
+    for m in model.modules():  # positive weights and input: no ReLU cuts the gradient, so it reaches the whole field
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.constant_(m.weight, 0.01)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+    image = torch.ones(1, 3, 256, 256, requires_grad=True)
+    torch.relu(model.rpn.rpn_net(model.head(image)))[0, :, 16, 16].sum().backward()
+    reached = (image.grad[0].abs().sum((0, 1)) > 0).nonzero().flatten()
+    assert int(reached[-1] - reached[0] + 1) == field
