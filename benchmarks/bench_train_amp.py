@@ -17,6 +17,8 @@ the first value's), e.g. ``--vary NUM_WORKERS=0,1`` for data loading in the trai
     PYTHONPATH=src .venv/bin/python benchmarks/bench_train_amp.py --config demo-cpu --data DEMO/data --amp bf16 \
         --vary NUM_WORKERS=0,1 --threads 1 --rounds 3
 
+A list value keeps its brackets: ``--vary "TINY_WIDTHS=[32,64,128,128],[32,64,128,192]"``.
+
 ``--src DIR`` (repeatable) times the source tree ``DIR`` (``frcnn`` imported from it, e.g. a ``git worktree`` of an
 earlier commit) instead of the installed one; with two or more, the trees alternate like the modes, and the
 medians are also given as a ratio to the first tree's. ``--amp MODE`` times that mode alone.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -40,6 +43,11 @@ import tempfile
 from pathlib import Path
 
 MODES = ("none", "bf16")
+
+
+def split_values(values: str) -> list[str]:
+    """``--vary``'s values: split at commas, except those inside ``[...]`` (a list value's)."""
+    return re.split(r",(?![^\[]*\])", values)
 
 
 def run_once(args: argparse.Namespace, mode: str, out: Path, src: str | None = None, varied: str | None = None
@@ -92,7 +100,7 @@ def main(argv=None) -> int:
         key, _, values = args.vary.partition("=")
         if not key or not values:
             p.error(f"--vary {args.vary}: expected KEY=A,B")
-        varied = [f"{key}={v}" for v in values.split(",")]
+        varied = [f"{key}={v}" for v in split_values(values)]
     runs = [(src, mode, v) for src in (args.src or [None]) for mode in modes for v in varied]
     results: dict[tuple, list[float]] = {run: [] for run in runs}
     name = " ".join([args.config, *(f"--set {kv}" for kv in args.sets)])

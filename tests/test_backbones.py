@@ -299,3 +299,55 @@ def test_tiny_receptive_field_at_stride_8(dilated, field):
     head(image)[0, :, 10, 10].sum().backward()
     reached = (image.grad[0].abs().sum((0, 1)) > 0).nonzero().flatten()
     assert int(reached[-1] - reached[0] + 1) == field
+
+
+@torch.no_grad()
+def test_tiny_widths_set_each_stage_the_rpn_and_the_tail():
+    """TINY_WIDTHS [16, 24, 40, 56]: the convs' channels stage by stage (one conv in the first stage, two in the
+    others), the head's map, the RPN's input and the tail's first layer (56 x 7 x 7 inputs) follow the last."""
+    from frcnn.model.detector import FasterRCNN
+
+    cfg = load_config("scratch-cpu", ["TINY_WIDTHS=[16,24,40,56]", "ANCHOR_SCALES=[2,4,8]"])
+    bb = build_backbone(cfg)
+    convs = [m for m in bb.head.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 16), (16, 24), (24, 24), (24, 40), (40, 40),
+                                                                (40, 56), (56, 56)]
+    assert bb.head_channels == 56
+    assert bb.tail[1].in_features == 56 * 7 * 7
+    assert bb.head.eval()(torch.zeros(1, 3, 64, 96)).shape == (1, 56, 8, 12)
+    model = FasterRCNN(cfg, num_classes=4)
+    assert model.rpn.rpn_net.in_channels == 56
+
+
+def test_tiny_widths_default_is_the_network_runs_were_saved_with():
+    from frcnn.config import config_from_dict, config_to_dict
+
+    saved = config_to_dict(load_config("scratch-cpu"))
+    assert list(saved.pop("TINY_WIDTHS")) == [32, 64, 128, 128]  # a config.yaml written before the key
+    convs = [m for m in build_backbone(config_from_dict(saved)).head.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 64, 128, 128, 128, 128]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["TINY_WIDTHS=[32,64,128]"], "TINY_WIDTHS=[32, 64, 128] needs 4 channel counts >= 1 (one a stage)"),
+    (["TINY_WIDTHS=[32,64,0,128]"], "TINY_WIDTHS=[32, 64, 0, 128] needs 4 channel counts >= 1 (one a stage)"),
+    (["BACKBONE=res50", "TINY_WIDTHS=[32,64,128,256]"],
+     "TINY_WIDTHS is for BACKBONE=tiny (BACKBONE=res50 has its own widths)"),
+    (["BACKBONE=tiny", "NORM=group", "TINY_WIDTHS=[32,64,128,200]"],
+     "NORM=group needs TINY_WIDTHS in multiples of 16 (groups of 16 channels), got [32, 64, 128, 200]"),
+])
+def test_bad_tiny_widths_are_one_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert str(info.value) == message
+
+
+@torch.no_grad()
+def test_tiny_widths_reach_the_pyramid():
+    """With NECK=fpn the lateral 1x1 convs read the tapped stages' widths (stride 4: the second stage, 8: the
+    last at FEAT_STRIDE 8)."""
+    bb = build_backbone(_cfg("tiny", "NECK=fpn", "FEAT_STRIDE=8", "FPN_CHANNELS=32", "TINY_WIDTHS=[16,24,40,56]"))
+    laterals = [m for m in bb.head.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert sorted(c.in_channels for c in laterals) == [24, 56]
+    maps = bb.head.eval()(torch.zeros(1, 3, 64, 96))
+    assert [tuple(m.shape) for m in maps][:2] == [(1, 32, 16, 24), (1, 32, 8, 12)]

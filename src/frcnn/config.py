@@ -152,6 +152,8 @@ class Config:
     ANCHOR_SCALES: tuple[float, ...] | str = (8, 16, 32)
     ANCHOR_RATIOS: tuple[float, ...] = (0.5, 1, 2)
     NORM: str = "batch"  # normalisation of a backbone trained from scratch (tiny): batch | group (GroupNorm)
+    # tiny: the channels of its four stages (a stage's work grows with the product of its input and output widths)
+    TINY_WIDTHS: tuple[int, ...] = (32, 64, 128, 128)
     # tiny: the stages past FEAT_STRIDE keep its resolution and dilate their convs as DeepLab does (each left-out
     # stride 2 doubles the dilation after it): FEAT_STRIDE 16's features and receptive field, every 8 (or 4) px
     DILATED: bool = False
@@ -190,6 +192,13 @@ class Config:
         _check_choice("NORM", self.NORM, ("batch", "group"))
         if self.NORM == "group" and self.BACKBONE != "tiny":
             raise ConfigError(f"NORM=group is for BACKBONE=tiny (BACKBONE={self.BACKBONE} uses BatchNorm)")
+        if len(self.TINY_WIDTHS) != 4 or min(self.TINY_WIDTHS) < 1:
+            raise ConfigError(f"TINY_WIDTHS={list(self.TINY_WIDTHS)} needs 4 channel counts >= 1 (one a stage)")
+        if self.BACKBONE != "tiny" and tuple(self.TINY_WIDTHS) != (32, 64, 128, 128):
+            raise ConfigError(f"TINY_WIDTHS is for BACKBONE=tiny (BACKBONE={self.BACKBONE} has its own widths)")
+        if self.NORM == "group" and any(w % 16 for w in self.TINY_WIDTHS):
+            raise ConfigError(f"NORM=group needs TINY_WIDTHS in multiples of 16 (groups of 16 channels), got "
+                              f"{list(self.TINY_WIDTHS)}")
         if self.DILATED and (self.BACKBONE != "tiny" or self.FEAT_STRIDE >= 16):
             raise ConfigError(f"DILATED=true is for BACKBONE=tiny at FEAT_STRIDE 8 or 4 (got {self.BACKBONE}, "
                               f"{self.FEAT_STRIDE}): only its stages past the stride can dilate")

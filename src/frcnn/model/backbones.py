@@ -3,8 +3,9 @@
 ``res50`` / ``res101``: conv1..layer3 as head; layer4, with the stride of its first block set to 1 as the
 reference does, then a spatial mean, as tail (2048-d). ``vgg16``: conv1_1..conv5_3 without pool5 as head;
 fc6/fc7 as tail (4096-d). ``tiny``: a small conv net for CPU training from scratch (four stages of 3x3
-conv+BN+ReLU, one conv in the first and two in the others, 32-64-128-128 channels, the first conv of each
-stage at stride 2 until ``FEAT_STRIDE`` is reached: 16, 8 or 4; tail: two fully connected layers of 512),
+conv+BN+ReLU, one conv in the first and two in the others, ``TINY_WIDTHS`` channels (32-64-128-128), the
+first conv of each stage at stride 2 until ``FEAT_STRIDE`` is reached: 16, 8 or 4; tail: two fully connected
+layers of 512),
 used by the ``demo-cpu`` preset. With ``DILATED`` its stages past ``FEAT_STRIDE`` dilate instead (DeepLab's
 atrous trick: each stride 2 left out doubles the dilation of the convs after it), so at stride 8 it computes the
 stride-16 network's features every 8 px, with its receptive field (87 px instead of 71) at the same cost.
@@ -133,7 +134,7 @@ def _mlp_tail(in_features: int, width: int) -> nn.Sequential:
 
 
 def _tiny(cfg: Config, load: bool) -> Backbone:
-    widths = (32, 64, 128, 128)
+    widths = cfg.TINY_WIDTHS
     downsampling = cfg.FEAT_STRIDE.bit_length() - 1  # stages that halve the resolution: 4 for stride 16
     layers: list[nn.Module] = []
     ends, strides = [], []  # each stage's last module and its stride
