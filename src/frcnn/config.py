@@ -24,6 +24,8 @@ import yaml
 
 from frcnn.errors import ConfigError
 
+TINY_DEFAULT_WIDTHS = (32, 64, 128, 128)  # the tiny backbone's stage widths, every run saved before the key
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -154,7 +156,7 @@ class Config:
     NORM: str = "batch"  # normalisation of a backbone trained from scratch (tiny): batch | group (GroupNorm)
     # tiny: the channels of its four stages (a stage's work grows with the product of its input and output widths).
     # No preset widens it: scratch-cpu with [32, 64, 128, 192] lost 0.8 and 0.3 points on BCCD (seeds 0, 1)
-    TINY_WIDTHS: tuple[int, ...] = (32, 64, 128, 128)
+    TINY_WIDTHS: tuple[int, ...] = TINY_DEFAULT_WIDTHS
     # tiny: the stages past FEAT_STRIDE keep its resolution and dilate their convs as DeepLab does (each left-out
     # stride 2 doubles the dilation after it): FEAT_STRIDE 16's features and receptive field, every 8 (or 4) px
     DILATED: bool = False
@@ -195,7 +197,7 @@ class Config:
             raise ConfigError(f"NORM=group is for BACKBONE=tiny (BACKBONE={self.BACKBONE} uses BatchNorm)")
         if len(self.TINY_WIDTHS) != 4 or min(self.TINY_WIDTHS) < 1:
             raise ConfigError(f"TINY_WIDTHS={list(self.TINY_WIDTHS)} needs 4 channel counts >= 1 (one a stage)")
-        if self.BACKBONE != "tiny" and tuple(self.TINY_WIDTHS) != (32, 64, 128, 128):
+        if self.BACKBONE != "tiny" and tuple(self.TINY_WIDTHS) != TINY_DEFAULT_WIDTHS:
             raise ConfigError(f"TINY_WIDTHS is for BACKBONE=tiny (BACKBONE={self.BACKBONE} has its own widths)")
         if self.NORM == "group" and any(w % 16 for w in self.TINY_WIDTHS):
             raise ConfigError(f"NORM=group needs TINY_WIDTHS in multiples of 16 (groups of 16 channels), got "
