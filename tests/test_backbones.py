@@ -12,7 +12,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from frcnn.config import load_config
 from frcnn.errors import CheckpointError, ConfigError
 from frcnn.model.backbones import build_backbone
-from frcnn.model.pretrained import load_state_dict_file
+from frcnn.pretrained import load_state_dict_file
 
 
 def _cfg(backbone: str, *overrides: str):

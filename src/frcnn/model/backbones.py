@@ -24,7 +24,7 @@ Starting from pretrained weights (``PRETRAINED``: a file holding a torchvision-s
 trains and BatchNorm is ordinary.
 
 Reading the file and telling what it holds (an ImageNet network, or torchvision's whole R50-FPN detector) is
-:mod:`frcnn.model.pretrained`'s job.
+:mod:`frcnn.pretrained`'s job.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from frcnn.config import Config
 from frcnn.errors import CheckpointError
 from frcnn.model.fpn import PyramidHead, Stages
-from frcnn.model.pretrained import (
+from frcnn.pretrained import (
     check_kind,
     load_checked,
     load_into,

@@ -51,13 +51,13 @@ from frcnn.model.anchors import AnchorGenerator, anchor_generators
 from frcnn.model.backbones import build_backbone
 from frcnn.model.losses import fast_rcnn_loss, rpn_loss
 from frcnn.model.pooling import pool_pyramid
-from frcnn.model.pretrained import load_detector_heads
 from frcnn.model.proposal_target import proposal_target_layer
 from frcnn.model.roi_heads import ClassificationNetwork
 from frcnn.model.rpn import RPN, proposal_layer
 from frcnn.model.trace import Trace, maybe_timed
 from frcnn.ops.nms import batched_nms
 from frcnn.ops.soft_nms import soft_nms
+from frcnn.pretrained import load_detector_heads
 
 
 @dataclass
