@@ -351,3 +351,63 @@ def test_tiny_widths_reach_the_pyramid():
     assert sorted(c.in_channels for c in laterals) == [24, 56]
     maps = bb.head.eval()(torch.zeros(1, 3, 64, 96))
     assert [tuple(m.shape) for m in maps][:2] == [(1, 32, 16, 24), (1, 32, 8, 12)]
+
+
+def test_tail_dropout_drops_after_each_fully_connected_layer_in_training_only():
+    """TAIL_DROPOUT 0.5: in training each ReLU's output is either 0 or twice itself (kept and scaled by
+    1 / (1 - p)), about half of them 0; in eval the tail is the plain one with the same weights, and the weights
+    keep their names (1.*, 3.*: what the torchvision FPN mapping and saved runs use)."""
+    plain = build_backbone(_cfg("tiny", "FEAT_STRIDE=8")).tail
+    dropped = build_backbone(_cfg("tiny", "FEAT_STRIDE=8", "TAIL_DROPOUT=0.5")).tail
+    assert list(dropped.state_dict()) == list(plain.state_dict()) == ["1.weight", "1.bias", "3.weight", "3.bias"]
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(64, 128, 7, 7)
+    with torch.no_grad():
+        assert torch.equal(dropped.eval()(x), plain.eval()(x))
+        dropped.train()
+        torch.manual_seed(0)
+        fc6 = torch.relu(x.flatten(1) @ plain[1].weight.T + plain[1].bias)  # by hand, from the plain tail's weights
+        seen = []
+        dropped[2][1].register_forward_hook(lambda m, i, o: seen.append((i[0].clone(), o.clone())))
+        dropped[4][1].register_forward_hook(lambda m, i, o: seen.append((i[0].clone(), o.clone())))
+        out = dropped(x)
+    (in6, out6), (in7, out7) = seen
+    torch.testing.assert_close(in6, fc6)
+    torch.testing.assert_close(in7, torch.relu(out6 @ plain[3].weight.T + plain[3].bias))
+    assert torch.equal(out, out7)
+    for before, after in seen:
+        kept = after != 0
+        torch.testing.assert_close(after[kept], 2 * before[kept])
+        share = 1 - kept[before > 0].float().mean().item()
+        assert 0.45 < share < 0.55  # of the positive outputs, the dropped share is p
+
+
+def test_tail_dropout_default_is_none():
+    from frcnn.config import config_from_dict, config_to_dict
+
+    saved = config_to_dict(load_config("scratch-cpu"))
+    assert saved.pop("TAIL_DROPOUT") == 0  # a config.yaml written before the key
+    tail = build_backbone(config_from_dict(saved)).tail
+    assert not any(isinstance(m, nn.Dropout) for m in tail.modules())
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["BACKBONE=tiny", "TAIL_DROPOUT=1"], "TAIL_DROPOUT=1.0 must be in [0, 1) (the fraction of a layer's outputs "
+     "dropped)"),
+    (["BACKBONE=tiny", "TAIL_DROPOUT=-0.1"], "TAIL_DROPOUT=-0.1 must be in [0, 1) (the fraction of a layer's outputs "
+     "dropped)"),
+    (["BACKBONE=res50", "TAIL_DROPOUT=0.5"], "TAIL_DROPOUT is for the fully connected box heads (BACKBONE=tiny, or "
+     "NECK=fpn); BACKBONE=res50 with NECK=none has a convolutional one"),
+    (["BACKBONE=vgg16", "TAIL_DROPOUT=0.5"], "TAIL_DROPOUT is for the fully connected box heads (BACKBONE=tiny, or "
+     "NECK=fpn); BACKBONE=vgg16 with NECK=none has its own (0.5)"),
+])
+def test_bad_tail_dropout_is_one_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert str(info.value) == message
+
+
+def test_tail_dropout_in_the_fpn_head():
+    tail = build_backbone(_cfg("res50", "NECK=fpn", "FEAT_STRIDE=32", "TAIL_DROPOUT=0.3"), load_pretrained=False).tail
+    assert [m.p for m in tail.modules() if isinstance(m, nn.Dropout)] == [0.3, 0.3]
+    assert list(tail.state_dict()) == ["1.weight", "1.bias", "3.weight", "3.bias"]

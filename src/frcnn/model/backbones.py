@@ -90,7 +90,7 @@ def _resnet(cfg: Config, load: bool) -> Backbone:
         trunk = Stages([net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4],
                        taps=(4, 5, 6, 7))
         head = PyramidHead(trunk, (256, 512, 1024, 2048), cfg.FPN_CHANNELS)
-        tail = _mlp_tail(cfg.FPN_CHANNELS * cfg.POOLING_SIZE**2, 1024)
+        tail = _mlp_tail(cfg.FPN_CHANNELS * cfg.POOLING_SIZE**2, 1024, cfg.TAIL_DROPOUT)
         heads = None
         if detector is not None:
             load_checked(head, {k[5:]: v for k, v in detector.items() if k.startswith("head.")}, cfg.PRETRAINED,
@@ -127,10 +127,13 @@ def _conv_bn(cin: int, cout: int, stride: int, norm: str = "batch", dilation: in
     return [nn.Conv2d(cin, cout, 3, stride, dilation, dilation, bias=False), layer, nn.ReLU(inplace=True)]
 
 
-def _mlp_tail(in_features: int, width: int) -> nn.Sequential:
-    """Two fully connected layers with ReLU on the flattened crop (the FPN paper's head at width 1024)."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), nn.ReLU(inplace=True),
-                         nn.Linear(width, width), nn.ReLU(inplace=True))
+def _mlp_tail(in_features: int, width: int, dropout: float = 0.0) -> nn.Sequential:
+    """Two fully connected layers with ReLU on the flattened crop (the FPN paper's head at width 1024); with
+    ``dropout`` each ReLU is followed by dropout, inside the same slot, so the weights keep their names."""
+    def act() -> nn.Module:
+        return nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(dropout)) if dropout else nn.ReLU(inplace=True)
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, width), act(), nn.Linear(width, width), act())
 
 
 def _tiny(cfg: Config, load: bool) -> Backbone:
@@ -151,7 +154,8 @@ def _tiny(cfg: Config, load: bool) -> Backbone:
         strides.append(2 ** min(i + 1, downsampling))
     head: nn.Module = nn.Sequential(*layers)
     pooled_channels = cfg.FPN_CHANNELS if cfg.NECK == "fpn" else cin
-    tail = _mlp_tail(pooled_channels * cfg.POOLING_SIZE**2, 512)  # built here: the random init's order is the seed's
+    # built here: the random init's order is the seed's
+    tail = _mlp_tail(pooled_channels * cfg.POOLING_SIZE**2, 512, cfg.TAIL_DROPOUT)
     for m in head.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
