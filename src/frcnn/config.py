@@ -390,7 +390,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # test-time proposals for 4 boxes of a busy training image (TEST.PROPOSALS_PER_OBJECT; the same tiles at 448:
     # 0.823 against 0.629 with 100); on BCCD neither fires. The backbone's last conv dilated (DILATED: the stride-16
     # network's receptive field, 87 px instead of 71, on the stride-8 map, at the same cost a step): BCCD seeds 0-2
-    # 0.9027, 0.9038, 0.8967 against 0.8946, 0.8873, 0.8965 (AMD machine without bf16, float32, 2026-12-05).
+    # 0.9027, 0.9038, 0.8967 against 0.8946, 0.8873, 0.8965 (AMD machine without bf16, float32, 2026-12-05); on
+    # large objects (the white-cell crops, cells ~200 px) AP .50:.95 0.7663, 0.7865 against 0.7531, 0.7789.
     "scratch-cpu": {
         "BACKBONE": "tiny",
         "FEAT_STRIDE": 8,
