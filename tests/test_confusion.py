@@ -61,3 +61,24 @@ def test_threshold_and_length_check():
     assert s["per_class"]["cat"]["detections"] == 7 and s["per_class"]["cat"]["duplicate"] == 2
     with pytest.raises(ValueError):
         confusion_summary(Scene(), _dets()[:1])
+
+
+def test_missed_objects_are_named_with_the_best_iou_found_there():
+    s = confusion_summary(Scene(), _dets(), score_thresh=0.5)
+    # the dog of image a: no dog detection overlaps it (the one of image b is another image); the difficult cat
+    # and the matched cat are not missed
+    assert s["missed_objects"] == [{"image": "a", "class": "dog", "box": [20.0, 20.0, 29.0, 29.0], "best_iou": 0.0}]
+    assert len(s["missed_objects"]) == s["totals"]["missed"]
+    dets = _dets()
+    a = dets[0]
+    near = torch.tensor([[22.0, 22, 31, 31], [20, 20, 29, 29]])  # a dog box 2 px off, and an exact one under 0.5
+    dets[0] = Detections(torch.cat([a.boxes, near]), torch.cat([a.scores, torch.tensor([0.6, 0.4])]),
+                         torch.cat([a.labels, torch.tensor([2, 2])]))
+    s = confusion_summary(Scene(), dets, score_thresh=0.5)
+    # +1 convention: 8 x 8 px shared of two 10 x 10 boxes: 64 / (100 + 100 - 64)
+    assert s["missed_objects"][0]["best_iou"] == round(64 / 136, 4)
+    text = format_confusion(s)
+    assert "missed objects: 1" in text and "a  dog  [20, 20, 29, 29]  best IoU 0.47" in text
+    s = confusion_summary(Scene(), dets, score_thresh=0.3)  # now the exact one counts: nothing missed
+    assert s["missed_objects"] == [] and s["totals"]["missed"] == 0
+    assert "missed objects" not in format_confusion(s)

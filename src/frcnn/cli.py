@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the detections as detections.json (COCO results) and comp4 files into DIR")
     p.add_argument("--plots", type=Path, metavar="DIR",
                    help="also write metrics.json, precision-recall curves (pr_curves.png, their numbers in "
-                        "pr_curves.json) and a confusion summary (confusion.json/.txt) into DIR")
+                        "pr_curves.json) and a confusion summary with the objects missed (confusion.json/.txt) "
+                        "into DIR")
     p.add_argument("--iou", type=float, metavar="T",
                    help="with --plots: the IoU a detection must exceed to count in the precision-recall curves "
                         "(default 0.5; VOC and COCO data alike); the AP metrics keep their own IoU")

@@ -12,7 +12,9 @@ matched as the VOC evaluation does (IoU strictly above ``iou_thresh`` with the b
 * ``localization``: no match, but IoU in ``[0.1, iou_thresh]`` with a gt box of its class;
 * ``background``: IoU below 0.1 with every gt box of its class and at most ``iou_thresh`` with all others.
 
-``missed`` counts the non-difficult gt boxes of a class no detection matched.
+``missed`` counts the non-difficult gt boxes of a class no detection matched, and ``missed_objects`` names
+them (image, class, box, and the best IoU any detection of that class with ``score >= score_thresh`` reaches:
+0 when nothing was found there, near ``iou_thresh`` when the box was found but not tightly enough).
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def confusion_summary(
 
     Returns ``{"score_thresh", "iou_thresh", "per_class": {name: {"detections", "gt", "missed", <KINDS>,
     "confused_with": {other name: n}}}, "totals": {<KINDS>, "detections", "gt", "missed"}, "matrix":
-    {"rows": gt class names + ["background"], "cols": detected class names, "counts": [[n]]}}``: ``matrix``
+    {"rows": gt class names + ["background"], "cols": detected class names, "counts": [[n]]}, "missed_objects":
+    [{"image", "class", "box", "best_iou"}]}``, the boxes in original image pixels, 0-based inclusive, by class
+    then dataset order: ``matrix``
     counts each detection under the gt class it covers (its own when correct/duplicate/localization, the other
     one when confused, ``background`` when background; ignored detections are left out).
     """
@@ -49,6 +53,7 @@ def confusion_summary(
     per_class = {name: {"detections": 0, "gt": 0, "missed": 0, **{kind: 0 for kind in KINDS}, "confused_with": {}}
                  for name in classes}
     matrix = np.zeros((k_count + 1, k_count), dtype=np.int64)
+    missed_objects: list[dict[str, Any]] = []
     samples = [dataset[i] for i in range(len(dataset))]
     for k, name in enumerate(classes, start=1):
         row = per_class[name]
@@ -76,9 +81,26 @@ def confusion_summary(
             if kind != "ignored":
                 matrix[k_count if covered == 0 else covered - 1, k - 1] += 1
         row["missed"] = row["gt"] - row["correct"]
+        missed_objects += _missed(samples, gts, matched, entries, name)
     totals = {key: sum(r[key] for r in per_class.values()) for key in ("detections", "gt", "missed", *KINDS)}
     return {"score_thresh": score_thresh, "iou_thresh": iou_thresh, "per_class": per_class, "totals": totals,
-            "matrix": {"rows": [*classes, "background"], "cols": list(classes), "counts": matrix.tolist()}}
+            "matrix": {"rows": [*classes, "background"], "cols": list(classes), "counts": matrix.tolist()},
+            "missed_objects": missed_objects}
+
+
+def _missed(samples, gts, matched, entries, name) -> list[dict[str, Any]]:
+    """The class's non-difficult gt boxes left unmatched, with the best IoU of the class's kept detections."""
+    found: dict[int, list] = {}
+    for _, idx, box in entries:
+        found.setdefault(idx, []).append(box)
+    out = []
+    for idx, s in enumerate(samples):
+        bbgt, difficult = gts[s.image_id]
+        for j in np.flatnonzero(~matched[s.image_id] & ~difficult):
+            best = float(_overlaps(bbgt[j], np.array(found[idx])).max()) if idx in found else 0.0
+            out.append({"image": s.image_id, "class": name, "box": [round(float(v), 2) for v in bbgt[j]],
+                        "best_iou": round(best, 4)})
+    return out
 
 
 def _classify(box, bbgt, difficult, matched, sample, k, iou_thresh) -> tuple[str, int]:
@@ -124,4 +146,11 @@ def format_confusion(summary: dict[str, Any]) -> str:
         lines.append("")
         lines.append("mistaken classes (detected as <- actually):")
         lines += [f"  {det} <- {gt}: {n}" for n, det, gt in pairs[:20]]
+    missed = summary.get("missed_objects", [])
+    if missed:
+        lines += ["", f"missed objects: {len(missed)} (no detection of their class with score >= "
+                      f"{summary['score_thresh']:g} matched them; boxes 0-based inclusive; best IoU: the closest of "
+                      f"those detections){'; the first 20' if len(missed) > 20 else ''}:"]
+        lines += [f"  {m['image']}  {m['class']}  [{', '.join(f'{v:g}' for v in m['box'])}]  best IoU "
+                  f"{m['best_iou']:.2f}" for m in missed[:20]]
     return "\n".join(lines)
