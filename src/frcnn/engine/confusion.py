@@ -14,7 +14,8 @@ matched as the VOC evaluation does (IoU strictly above ``iou_thresh`` with the b
 
 ``missed`` counts the non-difficult gt boxes of a class no detection matched, and ``missed_objects`` names
 them (image, class, box, and the best IoU any detection of that class with ``score >= score_thresh`` reaches:
-0 when nothing was found there, near ``iou_thresh`` when the box was found but not tightly enough).
+0 when nothing was found there, near ``iou_thresh`` when the box was found but not tightly enough, above it
+when the detection there matched a neighbouring box it overlaps more).
 """
 
 from __future__ import annotations
