@@ -198,6 +198,7 @@ def test_which_presets_let_anchors_cross_the_border():
 
     # scratch-cpu (measured on BCCD, benchmarks/results/scratch_cpu.md) and scratch-cpu-fpn, which takes its
     # schedule; every other preset keeps the reference's 0
+    assert load_config("scratch-cpu").TRAIN.RPN_ALLOWED_BORDER == -1
     crossing = ("scratch-cpu", "scratch-cpu-fpn")
     assert {name: load_config(name).TRAIN.RPN_ALLOWED_BORDER for name in PRESETS} == {
         name: -1 if name in crossing else 0 for name in PRESETS}

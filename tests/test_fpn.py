@@ -234,6 +234,10 @@ def test_scratch_cpu_fpn_is_scratch_cpu_with_the_tiny_pyramid():
     pyramid = (fpn.NECK, fpn.FEAT_STRIDE, fpn.ANCHOR_SCALES, fpn.FPN_CHANNELS, fpn.RPN_CHANNELS)
     assert pyramid == ("fpn", 16, (8.0,), 64, 64)
     assert c4.DILATED and not fpn.DILATED  # the pyramid's stride-16 level is the stride-16 stage itself
+    train = fpn.TRAIN  # scratch-cpu's schedule (benchmarks/results/scratch_cpu.md, twenty-third session)
+    schedule = (train.MAX_EPOCHS, train.STEP_EPOCHS, train.IMS_PER_BATCH, train.LEARNING_RATE, train.WEIGHT_DECAY,
+                train.AMP, train.BATCH_SIZE, train.RPN_ALLOWED_BORDER)
+    assert schedule == (17, (13,), 4, 0.02, 0.0005, "auto", 64, -1)
     same = replace(fpn, NECK="none", FEAT_STRIDE=8, DILATED=True, ANCHOR_SCALES="auto", FPN_CHANNELS=256,
                    RPN_CHANNELS=128)
     assert same == c4  # nothing else differs: the same recipe and schedule (TRAIN, TEST) as scratch-cpu
