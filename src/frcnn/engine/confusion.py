@@ -15,7 +15,10 @@ matched as the VOC evaluation does (IoU strictly above ``iou_thresh`` with the b
 ``missed`` counts the non-difficult gt boxes of a class no detection matched, and ``missed_objects`` names
 them (image, class, box, and the best IoU any detection of that class with ``score >= score_thresh`` reaches:
 0 when nothing was found there, near ``iou_thresh`` when the box was found but not tightly enough, above it
-when the detection there matched a neighbouring box it overlaps more).
+when the detection there matched a neighbouring box it overlaps more). ``found_below_threshold`` says whether
+the same matching over *every* detection, at any score, matches it: those that no detection matches
+(``never_found`` in the totals) keep their class's recall under 1 at every threshold, so the class's VOC07
+11-point AP is at most 10/11 (its precision at recall 1 is 0) whatever the ranking.
 """
 
 from __future__ import annotations
@@ -40,11 +43,11 @@ def confusion_summary(
     """Outcome counts of ``detections`` (one per image of ``dataset``, original image pixels).
 
     Returns ``{"score_thresh", "iou_thresh", "per_class": {name: {"detections", "gt", "missed", <KINDS>,
-    "confused_with": {other name: n}}}, "totals": {<KINDS>, "detections", "gt", "missed"}, "matrix":
-    {"rows": gt class names + ["background"], "cols": detected class names, "counts": [[n]]}, "missed_objects":
-    [{"image", "class", "box", "best_iou"}]}``, the boxes in original image pixels, 0-based inclusive, by class
-    then dataset order: ``matrix``
-    counts each detection under the gt class it covers (its own when correct/duplicate/localization, the other
+    "confused_with": {other name: n}}}, "totals": {<KINDS>, "detections", "gt", "missed", "never_found"},
+    "matrix": {"rows": gt class names + ["background"], "cols": detected class names, "counts": [[n]]},
+    "missed_objects": [{"image", "class", "box", "best_iou", "found_below_threshold"}]}``, the boxes in original
+    image pixels, 0-based inclusive, by class then dataset order: ``matrix`` counts each detection under the gt
+    class it covers (its own when correct/duplicate/localization, the other
     one when confused, ``background`` when background; ignored detections are left out).
     """
     if len(detections) != len(dataset):
@@ -64,12 +67,12 @@ def confusion_summary(
             gts[s.image_id] = (s.boxes.numpy()[sel].astype(np.float64), s.difficult.numpy()[sel])
             row["gt"] += int((~s.difficult.numpy()[sel]).sum())
         matched = {img: np.zeros(len(d), bool) for img, (_, d) in gts.items()}
-        entries = []  # (score, image index, box)
+        every = []  # (score, image index, box) of the class, at any score
         for idx, d in enumerate(detections):
-            sel = (d.labels == k) & (d.scores >= score_thresh)
-            for score, box in zip(d.scores[sel].tolist(), d.boxes[sel].double().numpy()):
-                entries.append((score, idx, box))
-        entries.sort(key=lambda e: -e[0])  # stable: ties keep image order
+            sel = d.labels == k
+            every += [(score, idx, box) for score, box in zip(d.scores[sel].tolist(), d.boxes[sel].double().numpy())]
+        every.sort(key=lambda e: -e[0])  # stable: ties keep image order
+        entries = [e for e in every if e[0] >= score_thresh]
         for _, idx, box in entries:
             s = samples[idx]
             bbgt, difficult = gts[s.image_id]
@@ -82,15 +85,21 @@ def confusion_summary(
             if kind != "ignored":
                 matrix[k_count if covered == 0 else covered - 1, k - 1] += 1
         row["missed"] = row["gt"] - row["correct"]
-        missed_objects += _missed(samples, gts, matched, entries, name)
+        matched_any = {img: np.zeros(len(d), bool) for img, (_, d) in gts.items()}
+        for _, idx, box in every:  # the same matching at any score: what no detection can match
+            s = samples[idx]
+            _classify(box, *gts[s.image_id], matched_any[s.image_id], s, k, iou_thresh)
+        missed_objects += _missed(samples, gts, matched, matched_any, entries, name)
     totals = {key: sum(r[key] for r in per_class.values()) for key in ("detections", "gt", "missed", *KINDS)}
+    totals["never_found"] = sum(not m["found_below_threshold"] for m in missed_objects)
     return {"score_thresh": score_thresh, "iou_thresh": iou_thresh, "per_class": per_class, "totals": totals,
             "matrix": {"rows": [*classes, "background"], "cols": list(classes), "counts": matrix.tolist()},
             "missed_objects": missed_objects}
 
 
-def _missed(samples, gts, matched, entries, name) -> list[dict[str, Any]]:
-    """The class's non-difficult gt boxes left unmatched, with the best IoU of the class's kept detections."""
+def _missed(samples, gts, matched, matched_any, entries, name) -> list[dict[str, Any]]:
+    """The class's non-difficult gt boxes left unmatched, with the best IoU of the class's kept detections and
+    whether a detection under the threshold matches them (``matched_any``: the matching at any score)."""
     found: dict[int, list] = {}
     for _, idx, box in entries:
         found.setdefault(idx, []).append(box)
@@ -100,7 +109,7 @@ def _missed(samples, gts, matched, entries, name) -> list[dict[str, Any]]:
         for j in np.flatnonzero(~matched[s.image_id] & ~difficult):
             best = float(_overlaps(bbgt[j], np.array(found[idx])).max()) if idx in found else 0.0
             out.append({"image": s.image_id, "class": name, "box": [round(float(v), 2) for v in bbgt[j]],
-                        "best_iou": round(best, 4)})
+                        "best_iou": round(best, 4), "found_below_threshold": bool(matched_any[s.image_id][j])})
     return out
 
 
@@ -153,5 +162,9 @@ def format_confusion(summary: dict[str, Any]) -> str:
                       f"{summary['score_thresh']:g} matched them; boxes 0-based inclusive; best IoU: the closest of "
                       f"those detections){'; the first 20' if len(missed) > 20 else ''}:"]
         lines += [f"  {m['image']}  {m['class']}  [{', '.join(f'{v:g}' for v in m['box'])}]  best IoU "
-                  f"{m['best_iou']:.2f}" for m in missed[:20]]
+                  f"{m['best_iou']:.2f}{'' if m['found_below_threshold'] else '  never found'}" for m in missed[:20]]
+        never = summary["totals"].get("never_found", 0)
+        lines.append(f"never found: {never} (no detection matches them at any score: their class's recall stays "
+                     "under 1, its VOC07 AP at most 10/11)" if never else
+                     "never found: none (a detection under the threshold matches every missed object)")
     return "\n".join(lines)
