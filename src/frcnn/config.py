@@ -392,6 +392,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # network's receptive field, 87 px instead of 71, on the stride-8 map, at the same cost a step): BCCD seeds 0-2
     # 0.9027, 0.9038, 0.8967 against 0.8946, 0.8873, 0.8965 (AMD machine without bf16, float32, 2026-12-05); on
     # large objects (the white-cell crops, cells ~200 px) AP .50:.95 0.7663, 0.7865 against 0.7531, 0.7789.
+    # The LR on that machine, BCCD seeds 0, 1: 0.03 gave 0.8842, 0.9015 and 0.015 0.8955, 0.8975 against 0.9027, 0.9038.
     "scratch-cpu": {
         "BACKBONE": "tiny",
         "FEAT_STRIDE": 8,

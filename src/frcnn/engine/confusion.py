@@ -47,8 +47,8 @@ def confusion_summary(
     "matrix": {"rows": gt class names + ["background"], "cols": detected class names, "counts": [[n]]},
     "missed_objects": [{"image", "class", "box", "best_iou", "found_below_threshold"}]}``, the boxes in original
     image pixels, 0-based inclusive, by class then dataset order: ``matrix`` counts each detection under the gt
-    class it covers (its own when correct/duplicate/localization, the other
-    one when confused, ``background`` when background; ignored detections are left out).
+    class it covers (its own when correct/duplicate/localization, the other one when confused, ``background``
+    when background; ignored detections are left out).
     """
     if len(detections) != len(dataset):
         raise ValueError(f"{len(detections)} detection sets for {len(dataset)} images")
