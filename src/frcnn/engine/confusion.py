@@ -85,8 +85,10 @@ def confusion_summary(
             if kind != "ignored":
                 matrix[k_count if covered == 0 else covered - 1, k - 1] += 1
         row["missed"] = row["gt"] - row["correct"]
-        matched_any = {img: np.zeros(len(d), bool) for img, (_, d) in gts.items()}
-        for _, idx, box in every:  # the same matching at any score: what no detection can match
+        # the same matching at any score: the kept detections come first in ``every`` and have matched what
+        # ``matched`` holds, so it goes on from there with the rest
+        matched_any = {img: m.copy() for img, m in matched.items()}
+        for _, idx, box in every[len(entries):]:
             s = samples[idx]
             _classify(box, *gts[s.image_id], matched_any[s.image_id], s, k, iou_thresh)
         missed_objects += _missed(samples, gts, matched, matched_any, entries, name)
