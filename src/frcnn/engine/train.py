@@ -84,6 +84,7 @@ from frcnn.engine.checkpoint import (
 )
 from frcnn.engine.ema import WeightAverage
 from frcnn.engine.fast import channels_last_pays, reuse_freed_memory
+from frcnn.engine.precise_bn import precise_bn_iterations, recompute_batchnorm
 from frcnn.engine.precision import Precision, resolve_amp
 from frcnn.engine.tensorboard import TensorBoardLog, validation_images
 from frcnn.errors import CheckpointError, ConfigError, FrcnnError
@@ -497,6 +498,14 @@ def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | N
                 bar.set_postfix(loss=f"{record['total']:.3f}", lr=f"{lr:.2g}")
                 window = {k: 0.0 for k in LOSS_KEYS}
                 count, t0 = 0, now
+            if done == train_cfg.MAX_ITERS and train_cfg.PRECISE_BN_IMAGES > 0:  # before the last snapshot
+                # (training normalises with each batch's own statistics: a longer run resumed from this snapshot
+                # trains exactly as without it, and re-estimates the statistics at its own end)
+                ran = recompute_batchnorm(scored, batches, precise_bn_iterations(train_cfg, world.size), precision,
+                                          world, progress)
+                if ran and main:
+                    bar.write(f"precise BN: BatchNorm statistics re-estimated over the next {ran} training batches "
+                              f"(TRAIN.PRECISE_BN_IMAGES={train_cfg.PRECISE_BN_IMAGES})")
             if main and (done % train_cfg.SNAPSHOT_ITERS == 0 or done == train_cfg.MAX_ITERS):
                 snap = out / "snapshots" / f"iter_{done:07d}"
                 save_checkpoint(snap, scored, cfg, classes, done, optimizer,
