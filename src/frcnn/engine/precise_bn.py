@@ -7,9 +7,9 @@ that have moved since. With one image a batch (``demo-cpu``) that estimate is no
 does (Wu and Johnson, "Rethinking 'Batch' in BatchNorm", 2021): the model, in training mode and without
 gradients, runs the forward passes of the batches training would have taken next (iterations ``MAX_ITERS``,
 ``MAX_ITERS + 1``, ...: the same augmentation and sampling; only the head's where every such layer is in it, as
-in the tiny backbone), and each layer's statistics become the plain mean,
-over those batches, of each batch's mean and variance (``momentum=None``). With several processes each averages
-its own batches and the processes' averages are averaged. Only the BatchNorm statistics change, never a weight.
+in the tiny backbone), and each layer's statistics become the plain mean, over those batches, of each batch's
+mean and variance (``momentum=None``). With several processes each averages its own batches and the processes'
+averages are averaged. Only the BatchNorm statistics change, never a weight.
 
 Nothing runs where no BatchNorm trains: pretrained backbones freeze theirs (``FrozenBatchNorm2d``, another
 class), VGG16 has none.

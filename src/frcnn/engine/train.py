@@ -4,7 +4,9 @@ The learning rate follows the reference schedule (``LEARNING_RATE`` times ``GAMM
 ``STEPSIZE``) or, with ``LR_SCHEDULE: cosine``, half a cosine from ``LEARNING_RATE`` to 0 at ``MAX_ITERS``
 (``STEPSIZE`` unused), with an optional linear warm-up; biases get twice the rate and no weight decay when
 ``DOUBLE_BIAS`` (and not ``BIAS_DECAY``). Every ``SNAPSHOT_ITERS`` a snapshot is written; every
-``DISPLAY`` iterations one JSON line of mean losses, learning rate and timing goes to ``metrics.jsonl``.
+``DISPLAY`` iterations one JSON line of mean losses, learning rate and timing goes to ``metrics.jsonl``. With
+``PRECISE_BN_IMAGES``, BatchNorm's statistics are re-estimated after the last iteration, before the last snapshot
+(:mod:`frcnn.engine.precise_bn`).
 
 Evaluation during training (``val_dataset``, ``eval_every``): every ``eval_every`` iterations and after the
 last one, the model is scored on the held-out images (:func:`validate`) and one line ``{"iteration",
