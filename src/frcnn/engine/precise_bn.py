@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from frcnn.config import TrainConfig
 from frcnn.engine import distributed as dist
 from frcnn.engine.batches import TrainBatches
 from frcnn.engine.precision import Precision
@@ -34,7 +35,7 @@ def trained_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def precise_bn_iterations(cfg_train, world_size: int = 1) -> range:
+def precise_bn_iterations(cfg_train: TrainConfig, world_size: int = 1) -> range:
     """The iterations whose batches re-estimate the statistics: at least ``PRECISE_BN_IMAGES`` images over all
     processes, whole batches, from ``MAX_ITERS`` on."""
     per_iteration = cfg_train.IMS_PER_BATCH * world_size
