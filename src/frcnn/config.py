@@ -364,8 +364,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a network trained from scratch on few images): with [2, 4, 8] on an AMD machine 0.9139, 0.9352, 0.8975
     # against 0.9042, 0.9090, 0.8983 with 1e-4 (0.8946, 0.8895, 0.8922 for 3200 float32 iterations).
     # BatchNorm's statistics re-estimated over 500 training images after the last iteration (TRAIN.PRECISE_BN_IMAGES;
-    # with one image a batch, momentum 0.1 leaves them an average of the last ten or so): on 11 demo checkpoints
-    # (seeds 0-5, 1 and 2 threads, Intel machine with AMX, bf16) +0.33 points on the mean, 9 of 11 up (0.9074,
+    # with one image a batch, momentum 0.1 leaves them an average of the last ten or so): on 13 demo checkpoints
+    # (seeds 0-7, 1 and 2 threads, Intel machine with AMX, bf16) +0.38 points on the mean, 11 of 13 up (0.9074,
     # 0.9249, 0.9225 -> 0.9342, 0.9329, 0.9242 for seeds 0-2 at 2 threads; seed 2 at 1 thread 0.9246 -> 0.9045).
     # scratch-cpu's 4 images a batch gain nothing from it on BCCD (4 checkpoints, -0.04), so it does not take it.
     "demo-cpu": {
