@@ -110,6 +110,14 @@ class Batch:
         return [torch.Generator().manual_seed(s) for s in self.image_seeds]
 
 
+def training_forward(model: torch.nn.Module, batch: Batch, device: torch.device) -> dict[str, Tensor]:
+    """The model's training forward pass on ``batch``, moved to ``device``: its losses. torch's global generator is
+    seeded with the iteration's seed first (dropout, where the tail has it)."""
+    torch.manual_seed(batch.seed)
+    return model(batch.images.to(device), batch.image_sizes.to(device), [b.to(device) for b in batch.gt_boxes],
+                 [lbl.to(device) for lbl in batch.gt_labels], generator=batch.generators())
+
+
 class TrainBatches(torch.utils.data.Dataset):
     """``batches[i]`` is the batch of iteration ``i`` (usable with a DataLoader and worker processes)."""
 

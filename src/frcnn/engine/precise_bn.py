@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from frcnn.config import TrainConfig
 from frcnn.engine import distributed as dist
-from frcnn.engine.batches import TrainBatches
+from frcnn.engine.batches import TrainBatches, training_forward
 from frcnn.engine.precision import Precision
 
 
@@ -64,14 +64,11 @@ def recompute_batchnorm(model: nn.Module, batches: TrainBatches, iterations: ran
         for i in tqdm(iterations, desc="precise BN", unit="batch", disable=not (progress and world.is_main),
                       dynamic_ncols=True):
             batch = batches[i]
-            torch.manual_seed(batch.seed)  # dropout, where the tail has it, as in training
             with precision.autocast(), dist.collective("the BatchNorm statistics' forward pass"):
                 if in_head:
                     head(batch.images.to(device))
                 else:
-                    model(batch.images.to(device), batch.image_sizes.to(device),
-                          [b.to(device) for b in batch.gt_boxes], [lbl.to(device) for lbl in batch.gt_labels],
-                          generator=batch.generators())
+                    training_forward(model, batch, device)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

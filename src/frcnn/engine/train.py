@@ -68,7 +68,7 @@ from tqdm import tqdm
 from frcnn.boxes import scale_boxes
 from frcnn.config import AUTO, Config, TrainConfig, config_changes, dump_yaml
 from frcnn.engine import distributed as dist
-from frcnn.engine.batches import Batch, DetectionDataset, TrainBatches, iteration_seed
+from frcnn.engine.batches import Batch, DetectionDataset, TrainBatches, iteration_seed, training_forward
 from frcnn.engine.checkpoint import (
     CONFIG,
     META,
@@ -473,11 +473,8 @@ def _train(cfg: Config, dataset: DetectionDataset, out: Path, snapshot: Path | N
             lr = learning_rate(train_cfg, it, world.size)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
-            torch.manual_seed(batch.seed)  # dropout, where the tail has it
             with precision.autocast(), dist.collective("the forward pass"):
-                losses = net(batch.images.to(device), batch.image_sizes.to(device),
-                             [b.to(device) for b in batch.gt_boxes], [lbl.to(device) for lbl in batch.gt_labels],
-                             generator=batch.generators())
+                losses = training_forward(net, batch, device)
             total = sum(losses.values())
             if not dist.all_true(world, bool(torch.isfinite(total)), "checking the losses"):
                 _stop_on_nonfinite(world, it, losses, batch.image_ids, last_snapshot)
